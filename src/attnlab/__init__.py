@@ -1,0 +1,34 @@
+"""attnlab: the laboratory of the attention literature.
+
+    >>> import torch, attnlab
+    >>> q = k = v = torch.randn(1, 8, 128, 64)
+    >>> out = attnlab.attention(q, k, v, mechanism="softmax", causal=True)
+
+Every mechanism follows the tensor contract of
+``torch.nn.functional.scaled_dot_product_attention``; see ``attnlab list``.
+"""
+
+from attnlab import mechanisms
+from attnlab.core import (
+    AttnInputError,
+    Mechanism,
+    Spec,
+    attention,
+    get,
+    register,
+    spec,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttnInputError",
+    "Mechanism",
+    "Spec",
+    "__version__",
+    "attention",
+    "get",
+    "mechanisms",
+    "register",
+    "spec",
+]

@@ -1,0 +1,1 @@
+"""Exact softmax attention and its direct rivals on the shared tiled kernel."""

@@ -1,0 +1,55 @@
+"""Exact attention by the tiled online-softmax kernel, in plain PyTorch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from attnlab.core import Mechanism, Spec, register
+from attnlab.core.checks import check_positive_int
+from attnlab.core.mechanism import KVCacheDecode
+from attnlab.core.tiled import tiled_attention
+
+
+@register
+class Online(KVCacheDecode, Mechanism):
+    """Flash-style tiled attention: online softmax over query and key tiles.
+
+    FlashAttention's algorithm (Dao et al., arXiv:2205.14135) written with
+    PyTorch tensor ops: a running maximum and normaliser per query row, causal
+    tiles in the future skipped. It is the kernel that the softmax
+    alternatives (``sigmoid``, ``softplus``, ``affine``, ``alibi``,
+    ``lowrank-bias``) share through score modifiers and normalisers.
+    """
+
+    spec = Spec(
+        name="online",
+        family="exact",
+        title="Tiled online-softmax attention (flash-style, plain PyTorch)",
+        paper="arXiv:2205.14135",
+        exact=True,
+        decode=True,
+        complexity="O(N²·D), O(N) memory without gradients",
+    )
+    tiny_config: ClassVar[dict] = {"block_q": 7, "block_k": 5}
+
+    @dataclass
+    class Config:
+        block_q: int = 512
+        block_k: int = 1024
+
+        def __post_init__(self):
+            check_positive_int("block_q", self.block_q)
+            check_positive_int("block_k", self.block_k)
+
+    def forward(self, q, k, v, *, causal=False, mask=None, scale=None):
+        return tiled_attention(
+            q,
+            k,
+            v,
+            scale=scale,
+            causal=causal,
+            mask=mask,
+            block_q=self.config.block_q,
+            block_k=self.config.block_k,
+        )

@@ -1,0 +1,1 @@
+"""Plots, tables and self-contained HTML pages built from attnlab's results."""

@@ -1,0 +1,10 @@
+"""Shared fixtures: seeded randomness for every test."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

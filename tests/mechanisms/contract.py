@@ -1,0 +1,72 @@
+"""Helpers for the contract tests: building mechanisms, inputs and error budgets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+import attnlab
+from attnlab.core.masks import repeat_kv
+from attnlab.core.reference import reference_attention
+
+ALL = attnlab.mechanisms()
+
+
+def build(name: str, **overrides):
+    """The mechanism with its tiny test config, in eval mode (no feature redraw)."""
+    cls = attnlab.core.mechanism_class(name)
+    return attnlab.get(name, **{**cls.tiny_config, **overrides}).eval()
+
+
+def build_exact(name: str, n: int):
+    """The mechanism in the setting where it must equal exact softmax (None if none)."""
+    mech = build(name)
+    cfg = mech.limit(n)
+    if cfg is None:
+        return None
+    return attnlab.get(name, **dataclasses.asdict(cfg)).eval()
+
+
+def inputs(b=2, hq=4, hkv=2, nq=24, nk=24, d=8, dv=6, dtype=torch.float32, grad=False):
+    q = torch.randn(b, hq, nq, d, dtype=dtype)
+    k = torch.randn(b, hkv, nk, d, dtype=dtype)
+    v = torch.randn(b, hkv, nk, dv, dtype=dtype)
+    if grad:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    return q, k, v
+
+
+def modes(spec):
+    """(causal, nq, nk) triples the Spec claims: self-attention, and cross where supported."""
+    out = []
+    for causal in (False, True):
+        if (causal and not spec.causal) or (not causal and not spec.noncausal):
+            continue
+        out.append((causal, 24, 24))
+        if spec.cross:
+            out.append((causal, 13, 29))
+    return out
+
+
+def eager_error(q, k, v, *, causal, mask=None) -> float:
+    """Max error of plain eager matmul-softmax-matmul in q's dtype against fp64."""
+    ref = reference_attention(q, k, v, causal=causal, mask=mask)
+    groups = q.shape[1] // k.shape[1]
+    kk, vv = repeat_kv(k, groups), repeat_kv(v, groups)
+    s = (q @ kk.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    allowed = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool)
+    if causal:
+        allowed = attnlab.core.masks.causal_mask(q.shape[2], k.shape[2])
+    if mask is not None:
+        allowed = allowed & mask
+    s = s.masked_fill(~allowed, float("-inf"))
+    eager = (torch.softmax(s, dim=-1).nan_to_num(0.0) @ vv).double()
+    return (eager - ref).abs().max().item()
+
+
+def budget(q, k, v, *, causal, mask=None) -> float:
+    """Error allowed to a mechanism: a small multiple of eager PyTorch's own error."""
+    floor = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float64: 1e-12}[q.dtype]
+    return 8 * max(eager_error(q, k, v, causal=causal, mask=mask), floor)
