@@ -9,6 +9,7 @@ in the number of layers and linear in N (times the block height).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -34,7 +35,7 @@ class CaptureInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Analysis:
+class Analysis(ABC):
     """A per-(layer, head) measurement reduced block by block from attention probabilities.
 
     Subclasses set ``name`` and implement ``update`` and ``finish``; the docstring
@@ -48,6 +49,7 @@ class Analysis:
         """Called once before the forward pass."""
         self.info = info
 
+    @abstractmethod
     def update(self, layer: int, probs: torch.Tensor, rows: slice) -> None:
         """Take one block of attention probabilities.
 
@@ -55,9 +57,8 @@ class Analysis:
         rows ``rows`` (absolute positions) in layer ``layer``, masked and
         normalised (each row sums to 1, or is all zero if it sees nothing).
         """
-        raise NotImplementedError(f"{type(self).__name__} must implement update()")
 
+    @abstractmethod
     def finish(self) -> list[dict[str, Any]]:
         """Tidy rows, one per (layer, head[, position]): keys ``analysis``, ``layer``,
         ``head``, ``metric``, ``value`` plus any analysis-specific fields."""
-        raise NotImplementedError(f"{type(self).__name__} must implement finish()")
