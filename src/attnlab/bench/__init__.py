@@ -1,0 +1,1 @@
+"""Benchmarks: speed and memory scaling, approximation quality, real-model runs; JSON records."""
