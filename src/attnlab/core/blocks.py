@@ -1,0 +1,486 @@
+"""Block-sparse attention: one layout, two paths, one answer.
+
+A :class:`BlockLayout` says, for every query block of ``block`` queries, which
+key blocks it attends (``kv_indices``, padded slots flagged by ``kv_valid``),
+which of those are fully visible (``kv_full``), and a token rule ``mask_mod``
+for the pairs inside partially visible blocks. ``mask_mod(b, h, q_idx, kv_idx)``
+follows the FlexAttention convention (Dong et al., "Flex Attention: A
+Programming Model for Generating Optimized Attention Kernels",
+arXiv:2412.05496): it returns True where query ``q_idx`` may attend key
+``kv_idx``, and it is written with broadcasting tensor operations only, so
+that the same function serves both paths.
+
+- :func:`torch_block_attention`: plain PyTorch, trainable. Each query block
+  gathers its key and value blocks and runs a batched matmul and a masked
+  softmax over them; autograd gives the backward. It never builds an N x N
+  tensor: scores exist only for the gathered blocks.
+- :func:`flex_block_attention`: ``torch.nn.attention.flex_attention`` compiled
+  by ``torch.compile`` with a ``BlockMask`` built from the same layout (cached
+  on the layout). Inference only on CPU, where FlexAttention has no backward.
+- :func:`block_sparse_attention` picks the path (``"auto"``): the trainable
+  one when gradients flow or the dtype has no flex kernel, flex when the
+  shape is large enough for its compiled kernel to pay.
+
+:class:`StaticBlockSparse` turns a fixed mask (window, neighborhood, fixed
+block patterns, ...) into a registered mechanism with both paths, a layout
+cache, ``density`` and KV-cache decoding.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from .checks import FLOAT_DTYPES
+from .mechanism import KVCacheDecode, Mechanism
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+PATHS = ("auto", "torch", "flex")
+# dtypes that FlexAttention's CPU kernel computes in
+FLEX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# "auto" uses flex from this many (query, key) pairs of full attention upwards;
+# below it the compiled kernel's fixed costs exceed what it saves
+FLEX_MIN_PAIRS = 1024 * 1024
+# elements of one gathered score chunk in the trainable path
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def full_pairs(nq: int, nk: int, causal: bool) -> int:
+    """(query, key) pairs of full attention; causal is bottom-right aligned."""
+    if not causal:
+        return nq * nk
+    offset = nk - nq
+    # query i sees min(nk, max(0, i + offset + 1)) keys
+    return sum(min(nk, max(0, i + offset + 1)) for i in range(nq))
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@dataclass(eq=False)
+class BlockLayout:
+    """Which key blocks each query block attends, and the token rule inside them.
+
+    ``kv_indices``/``kv_valid``/``kv_full``: [Bl, Hl, Nq/block, S], with Bl in
+    {1, B} and Hl in {1, Hq} broadcast over the batch and the query heads.
+    A ``mask_mod`` that reads ``b`` or ``h`` must come with a layout built for
+    the real batch size or number of heads. Build one with :meth:`build`.
+    """
+
+    nq: int
+    nk: int
+    block: int
+    kv_indices: torch.Tensor
+    kv_valid: torch.Tensor
+    kv_full: torch.Tensor
+    mask_mod: MaskMod | None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def q_blocks(self) -> int:
+        return -(-self.nq // self.block)
+
+    @property
+    def k_blocks(self) -> int:
+        return -(-self.nk // self.block)
+
+    @property
+    def slots(self) -> int:
+        return self.kv_indices.shape[-1]
+
+    @classmethod
+    def build(
+        cls,
+        mask_mod: MaskMod | None,
+        candidates: torch.Tensor,
+        nq: int,
+        nk: int,
+        block: int,
+    ) -> BlockLayout:
+        """The layout from candidate key blocks per query block, refined by ``mask_mod``.
+
+        ``candidates``: long [Bl, Hl, Nq/block, C], key block indices with -1
+        for none; a superset of the blocks needed is enough (duplicates are
+        dropped). Each candidate is evaluated token by token: blocks where
+        ``mask_mod`` allows nothing are dropped, blocks where it allows
+        everything are marked full. Cost: one mask evaluation over the
+        candidate pairs, never over all N x N.
+        """
+        nkb = -(-nk // block)
+        idx = torch.where(candidates >= 0, candidates, nkb)
+        idx, _ = idx.sort(dim=-1)
+        dup = torch.zeros_like(idx, dtype=torch.bool)
+        dup[..., 1:] = idx[..., 1:] == idx[..., :-1]
+        valid = (idx < nkb) & ~dup
+        idx = torch.where(valid, idx, 0)
+        raw = cls(nq, nk, block, idx, valid, torch.zeros_like(valid), mask_mod)
+        any_, all_ = [], []
+        for c0, c1 in raw._chunks(1):
+            allowed = raw.token_mask(c0, c1, cache=False)
+            bl, hl, c, bq, _ = allowed.shape
+            allowed = allowed.reshape(bl, hl, c, bq, idx.shape[-1], block)
+            any_.append(allowed.any(dim=-1).any(dim=-2))
+            all_.append(allowed.all(dim=-1).all(dim=-2))
+        keep = torch.cat(any_, dim=2) & valid
+        full = torch.cat(all_, dim=2) & keep
+        # kept blocks first, in increasing key order
+        order = torch.where(keep, idx, nkb + idx).argsort(dim=-1)
+        count = max(1, int(keep.sum(dim=-1).max()))
+        order = order[..., :count]
+        return cls(
+            nq,
+            nk,
+            block,
+            idx.gather(-1, order),
+            keep.gather(-1, order),
+            full.gather(-1, order),
+            mask_mod,
+        )
+
+    def _chunks(self, batch_heads: int) -> list[tuple[int, int]]:
+        """Query-block ranges whose gathered scores hold at most ~16M elements."""
+        per_block = batch_heads * self.block * self.slots * self.block
+        step = max(1, _CHUNK_ELEMENTS // max(per_block, 1))
+        return [(c0, min(c0 + step, self.q_blocks)) for c0 in range(0, self.q_blocks, step)]
+
+    def positions(self, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query positions [c, bq, 1] and gathered key positions [Bl, Hl, c, 1, S*bk]."""
+        device = self.kv_indices.device
+        ar = torch.arange(self.block, device=device)
+        qpos = (torch.arange(c0, c1, device=device)[:, None] * self.block + ar)[..., None]
+        kpos = self.kv_indices[:, :, c0:c1, :, None] * self.block + ar
+        bl, hl = kpos.shape[:2]
+        return qpos, kpos.reshape(bl, hl, c1 - c0, 1, -1)
+
+    def token_mask(self, c0: int, c1: int, *, cache: bool = True) -> torch.Tensor:
+        """Bool [Bl, Hl, c, bq, S*bk]: which gathered pairs of query blocks c0..c1 are allowed.
+
+        Padded queries and keys (beyond Nq, Nk) and padding slots are never
+        allowed. The whole mask is cached on the layout on first use.
+        """
+        if cache:
+            whole = self._cache.get("mask")
+            if whole is None:
+                whole = torch.cat(
+                    [self.token_mask(a, b, cache=False) for a, b in self._chunks(1)], dim=2
+                )
+                self._cache["mask"] = whole
+            return whole[:, :, c0:c1]
+        qpos, kpos = self.positions(c0, c1)
+        valid = self.kv_valid[:, :, c0:c1, :, None].expand(-1, -1, -1, -1, self.block)
+        valid = valid.reshape(valid.shape[0], valid.shape[1], c1 - c0, 1, -1)
+        allowed = valid & (qpos < self.nq) & (kpos < self.nk)
+        if self.mask_mod is not None:
+            bl, hl = self.kv_indices.shape[:2]
+            device = self.kv_indices.device
+            b = torch.arange(bl, device=device).view(bl, 1, 1, 1, 1)
+            h = torch.arange(hl, device=device).view(1, hl, 1, 1, 1)
+            rule = self.mask_mod(b, h, qpos.clamp(max=self.nq - 1), kpos.clamp(max=self.nk - 1))
+            allowed = allowed & rule
+        shape = torch.broadcast_shapes(allowed.shape, (1, 1, c1 - c0, self.block, 1))
+        return allowed.expand(shape)
+
+    def pairs(self) -> float:
+        """Allowed (query, key) pairs, averaged over the layout's batch and heads."""
+        if "pairs" not in self._cache:
+            total = sum(int(self.token_mask(a, b, cache=False).sum()) for a, b in self._chunks(1))
+            bl, hl = self.kv_indices.shape[:2]
+            self._cache["pairs"] = total / (bl * hl)
+        return self._cache["pairs"]
+
+    def block_pairs(self) -> float:
+        """Pairs inside the visited blocks (the work done), averaged over batch and heads."""
+        bl, hl = self.kv_indices.shape[:2]
+        return int(self.kv_valid.sum()) * self.block * self.block / (bl * hl)
+
+    def density(self, causal: bool) -> float:
+        """Allowed pairs over those of full attention with the same causality."""
+        total = full_pairs(self.nq, self.nk, causal)
+        return self.pairs() / total if total else 0.0
+
+
+def ranges_to_candidates(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Candidate key blocks ``lo <= j < hi`` per query block as [..., C] with -1 padding."""
+    width = max(1, int((hi - lo).max()))
+    idx = lo[..., None] + torch.arange(width, device=lo.device)
+    return torch.where(idx < hi[..., None], idx, -1)
+
+
+def _pad_to(x: torch.Tensor, n: int) -> torch.Tensor:
+    if x.shape[2] == n:
+        return x
+    return torch.nn.functional.pad(x, (0, 0, 0, n - x.shape[2]))
+
+
+def _user_mask_at(mask: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor, nq: int, nk: int):
+    """The user's [B|1, H|1, Nq|1, Nk|1] mask at gathered positions (b, h, q, k)."""
+    bm, hm, qm, km = mask.shape
+    b = torch.arange(bm, device=mask.device).view(bm, 1, 1, 1, 1)
+    h = torch.arange(hm, device=mask.device).view(1, hm, 1, 1, 1)
+    q = qpos.clamp(max=nq - 1) if qm > 1 else torch.zeros_like(qpos)
+    k = kpos.clamp(max=nk - 1) if km > 1 else torch.zeros_like(kpos)
+    return mask[b, h, q, k]
+
+
+def torch_block_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    scale: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Block-sparse softmax attention in plain PyTorch (the trainable path).
+
+    For a chunk of query blocks, the listed key and value blocks are gathered
+    into [B, H, c, S*block, D], scores are one batched matmul, the token mask
+    and the user's mask are applied, and the softmax over the gathered keys
+    weights the gathered values. Rows that see nothing give zeros. Half
+    precision accumulates in float32.
+    """
+    b, hq, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    bs, nqb, nkb = layout.block, layout.q_blocks, layout.k_blocks
+    acc = _acc(q.dtype)
+    qb = _pad_to(q, nqb * bs).unflatten(2, (nqb, bs))
+    kb = _pad_to(k, nkb * bs).unflatten(2, (nkb, bs))
+    vb = _pad_to(v, nkb * bs).unflatten(2, (nkb, bs))
+    bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
+    hi = (torch.arange(hq, device=q.device) // (hq // hkv)).view(1, hq, 1, 1)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    outs = []
+    for c0, c1 in layout._chunks(b * hq):
+        idx = layout.kv_indices[:, :, c0:c1]
+        kg = kb[bi, hi, idx].flatten(3, 4)  # [B, H, c, S*bs, D]
+        vg = vb[bi, hi, idx].flatten(3, 4)
+        s = (qb[:, :, c0:c1] @ kg.transpose(-1, -2)).to(acc)
+        allowed = layout.token_mask(c0, c1)
+        if mask is not None:
+            qpos, kpos = layout.positions(c0, c1)
+            allowed = allowed & _user_mask_at(mask, qpos, kpos, nq, nk)
+        if grad:
+            s = (s * scale).masked_fill(~allowed, float("-inf"))
+        else:
+            s.mul_(scale).masked_fill_(~allowed, float("-inf"))
+        m = s.amax(dim=-1, keepdim=True)
+        m = m.masked_fill(torch.isinf(m), 0.0)
+        p = torch.exp(s - m) if grad else s.sub_(m).exp_()
+        total = p.sum(dim=-1, keepdim=True)
+        o = (p.to(v.dtype) @ vg).to(acc)
+        o = torch.where(total > 0, o / total.clamp_min(torch.finfo(acc).tiny), 0.0)
+        outs.append(o)
+    out = torch.cat(outs, dim=2).flatten(2, 3)[:, :, :nq]
+    return out.to(q.dtype)
+
+
+_FLEX: dict[str, Any] = {}
+
+
+def _compiled_flex():
+    """``flex_attention`` compiled once per process (recompiled per shape by dynamo)."""
+    if "fn" not in _FLEX:
+        import torch._dynamo
+        from torch.nn.attention.flex_attention import flex_attention
+
+        # one compiled kernel per shape and mask rule; the default limit of 8
+        # would silently fall back to the dense eager implementation
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = max(cfg.recompile_limit, 256)
+        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4096)
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["fn"]
+
+
+def flex_block_mask(layout: BlockLayout, mask: torch.Tensor | None = None):
+    """The FlexAttention ``BlockMask`` of a layout (cached on it when there is no user mask)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if mask is None and "flex" in layout._cache:
+        return layout._cache["flex"]
+    nq, nk, bs = layout.nq, layout.nk, layout.block
+    rule = layout.mask_mod
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qc, kc = q_idx.clamp(max=nq - 1), kv_idx.clamp(max=nk - 1)
+        ok = (q_idx < nq) & (kv_idx < nk)
+        if rule is not None:
+            ok = ok & rule(b, h, qc, kc)
+        if mask is not None:
+            bm, hm, qm, km = mask.shape
+            ok = (
+                ok
+                & mask[
+                    b if bm > 1 else 0, h if hm > 1 else 0, qc if qm > 1 else 0, kc if km > 1 else 0
+                ]
+            )
+        return ok
+
+    valid = layout.kv_valid
+    full = layout.kv_full & valid if mask is None else torch.zeros_like(valid)
+    partial = valid & ~full
+
+    def pack(sel):
+        # FlexAttention reads the key length of the mask from the width of the
+        # index tensor: pad it to one column per key block
+        order = torch.where(sel, 0, 1).argsort(dim=-1, stable=True)
+        idx = layout.kv_indices.gather(-1, order).to(torch.int32)
+        idx = torch.nn.functional.pad(idx, (0, max(0, layout.k_blocks - idx.shape[-1])))
+        return sel.sum(dim=-1).to(torch.int32), idx
+
+    num, idx = pack(partial)
+    full_num, full_idx = pack(full)
+    block_mask = BlockMask.from_kv_blocks(
+        num,
+        idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=bs,
+        mask_mod=mask_mod,
+        seq_lengths=(layout.q_blocks * bs, layout.k_blocks * bs),
+        compute_q_blocks=False,
+    )
+    if mask is None:
+        layout._cache["flex"] = block_mask
+    return block_mask
+
+
+def flex_block_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    scale: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Block-sparse softmax attention by compiled FlexAttention (inference only on CPU)."""
+    nq, bs = q.shape[2], layout.block
+    block_mask = flex_block_mask(layout, mask)
+    qp = _pad_to(q, layout.q_blocks * bs)
+    kp, vp = _pad_to(k, layout.k_blocks * bs), _pad_to(v, layout.k_blocks * bs)
+    out = _compiled_flex()(
+        qp, kp, vp, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+    return out[:, :, :nq]
+
+
+def flex_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
+    """Why the flex path cannot take these inputs (empty when it can)."""
+    reasons = []
+    if q.dtype not in FLEX_DTYPES:
+        reasons.append(
+            f"form: 'flex' computes in float32, bfloat16 or float16, got {FLOAT_DTYPES[q.dtype]}; "
+            "use form='torch' or 'auto'"
+        )
+    if q.requires_grad or k.requires_grad or v.requires_grad:
+        reasons.append(
+            "form: 'flex' has no backward on this device; use form='torch' or 'auto' for training"
+        )
+    return reasons
+
+
+def choose_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """``"torch"`` when gradients flow, the dtype has no flex kernel or the shape is small."""
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if grad or q.dtype not in FLEX_DTYPES:
+        return "torch"
+    return "flex" if q.shape[2] * k.shape[2] >= FLEX_MIN_PAIRS else "torch"
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    path: str = "auto",
+) -> torch.Tensor:
+    """Softmax attention restricted to ``layout`` (and ``mask``), by the chosen path."""
+    if path == "auto":
+        path = choose_path(q, k, v)
+    fn = flex_block_attention if path == "flex" else torch_block_attention
+    return fn(q, k, v, layout, scale=scale, mask=mask)
+
+
+class LayoutCache:
+    """A small least-recently-used cache of layouts keyed by shape and options."""
+
+    def __init__(self, size: int = 16) -> None:
+        self.size = size
+        self._items: OrderedDict = OrderedDict()
+
+    def get(self, key, make: Callable[[], BlockLayout]) -> BlockLayout:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        layout = make()
+        self._items[key] = layout
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return layout
+
+
+class StaticBlockSparse(KVCacheDecode, Mechanism):
+    """Base of mechanisms whose sparsity pattern depends only on positions.
+
+    Subclasses give the token rule ``rule(nq, nk, causal, heads)`` (a
+    ``mask_mod``) and a superset of the key blocks each query block needs,
+    ``candidates(nq, nk, causal, heads)`` ([Bl, Hl, Nq/block, C] with -1
+    padding); their ``Config`` has ``block`` (the tile size) and ``form``
+    (``"auto"``, ``"torch"`` or ``"flex"``). Queries are aligned bottom-right:
+    query ``i`` sits at absolute position ``i + Nk - Nq``, so a decoding step
+    with a KV cache sees what the last row of the parallel pass sees.
+    """
+
+    forms: ClassVar[tuple[str, ...]] = PATHS
+    # the rule depends on the head index: layouts are built per query head
+    per_head: ClassVar[bool] = False
+
+    def __init__(self, **config: Any) -> None:
+        super().__init__(**config)
+        self._layouts = LayoutCache()
+
+    def rule(self, nq: int, nk: int, causal: bool, heads: int) -> MaskMod | None:
+        raise TypeError(f"{type(self).__name__} must define rule()")
+
+    def candidates(self, nq: int, nk: int, causal: bool, heads: int) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} must define candidates()")
+
+    def layout(self, nq: int, nk: int, causal: bool, heads: int = 1, device=None) -> BlockLayout:
+        """The (cached) block layout of this mechanism for a shape."""
+        heads = heads if self.per_head else 1
+        device = torch.device("cpu") if device is None else torch.device(device)
+        key = (nq, nk, causal, heads, device)
+
+        def make():
+            cand = self.candidates(nq, nk, causal, heads).to(device)
+            return BlockLayout.build(
+                self.rule(nq, nk, causal, heads), cand, nq, nk, self.config.block
+            )
+
+        return self._layouts.get(key, make)
+
+    def density(self, nq: int, nk: int, causal: bool = False, heads: int = 1) -> float:
+        """Fraction of the (query, key) pairs of full attention (same causality) it computes."""
+        return self.layout(nq, nk, causal, heads).density(causal)
+
+    def unsupported(self, q, k, v, *, causal=False, mask=None):
+        reasons = super().unsupported(q, k, v, causal=causal, mask=mask)
+        if self.config.form == "flex":
+            reasons += flex_unsupported(q, k, v)
+        return reasons
+
+    def forward(self, q, k, v, *, causal=False, mask=None, scale=None):
+        layout = self.layout(q.shape[2], k.shape[2], causal, q.shape[1], q.device)
+        return block_sparse_attention(
+            q, k, v, layout, scale=scale, mask=mask, path=self.config.form
+        )
