@@ -53,23 +53,34 @@ def tiled_attention(
     b, hq, nq, _ = q.shape
     nk = k.shape[2]
     groups = hq // k.shape[1]
-    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-    offset = nk - nq
-    # half-precision inputs accumulate in float32, as fused kernels do
+    # half-precision inputs are computed in float32, as fused kernels accumulate
     acc_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    # the scale is folded into q once instead of into every score tile
+    q_scaled = q.to(acc_dtype) * scale
+    k = repeat_kv(k, groups).to(acc_dtype)
+    dv = v.shape[-1]
+    v = repeat_kv(v, groups).to(acc_dtype)
+    softmax = weight is None
+    if softmax or normalise:
+        # a ones column makes the weights' row sum fall out of the same matmul as the values
+        v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+    # without gradients the score tile is updated in place, saving a pass and an allocation
+    inplace = not (
+        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    )
+    offset = nk - nq
     out_tiles = []
     for q0 in range(0, nq, block_q):
         q1 = min(q0 + block_q, nq)
         qs = slice(q0, q1)
-        q_tile = q[:, :, qs]
+        q_tile = q_scaled[:, :, qs]
         last_key = nk if not causal else min(nk, q1 + offset)
-        acc = q.new_zeros(b, hq, q1 - q0, v.shape[-1], dtype=acc_dtype)
-        row_max = q.new_full((b, hq, q1 - q0, 1), float("-inf"), dtype=acc_dtype)
-        row_sum = q.new_zeros(b, hq, q1 - q0, 1, dtype=acc_dtype)
+        acc = q_scaled.new_zeros(b, hq, q1 - q0, v.shape[-1])
+        row_max = q_scaled.new_full((b, hq, q1 - q0, 1), float("-inf"))
         for k0 in range(0, max(last_key, 0), block_k):
             k1 = min(k0 + block_k, last_key)
             ks = slice(k0, k1)
-            scores = (q_tile @ k[:, :, ks].transpose(-1, -2)).to(acc_dtype) * scale
+            scores = q_tile @ k[:, :, ks].transpose(-1, -2)
             if score_mod is not None:
                 scores = score_mod(scores, qs, ks)
             allowed = slice_mask(mask, qs, ks)
@@ -77,25 +88,25 @@ def tiled_attention(
                 # query q0+i sees key k0+j when k0+j <= q0+i+offset
                 tile_causal = _shifted_causal(q1 - q0, k1 - k0, q0 + offset - k0, q.device)
                 allowed = tile_causal if allowed is None else allowed & tile_causal
-            if weight is None:
-                if allowed is not None:
+            if softmax:
+                if allowed is not None and inplace:
+                    scores.masked_fill_(~allowed, float("-inf"))
+                elif allowed is not None:
                     scores = scores.masked_fill(~allowed, float("-inf"))
                 new_max = torch.maximum(row_max, scores.amax(dim=-1, keepdim=True))
                 safe_max = new_max.masked_fill(torch.isinf(new_max), 0.0)
-                probs = torch.exp(scores - safe_max)
-                rescale = torch.exp(row_max - safe_max)
-                row_sum = row_sum * rescale + probs.sum(dim=-1, keepdim=True)
-                acc = acc * rescale + (probs.to(v.dtype) @ v[:, :, ks]).to(acc_dtype)
+                probs = scores.sub_(safe_max).exp_() if inplace else torch.exp(scores - safe_max)
+                acc = acc * torch.exp(row_max - safe_max) + probs @ v[:, :, ks]
                 row_max = new_max
             else:
                 w = weight(scores)
                 if allowed is not None:
                     w = w.masked_fill(~allowed, 0.0)
-                row_sum = row_sum + w.sum(dim=-1, keepdim=True)
-                acc = acc + (w.to(v.dtype) @ v[:, :, ks]).to(acc_dtype)
-        if weight is None or normalise:
+                acc = acc + w @ v[:, :, ks]
+        if softmax or normalise:
+            row_sum = acc[..., dv:]
             acc = torch.where(
-                row_sum > 0, acc / row_sum.clamp_min(torch.finfo(acc.dtype).tiny), 0.0
+                row_sum > 0, acc[..., :dv] / row_sum.clamp_min(torch.finfo(acc.dtype).tiny), 0.0
             )
         out_tiles.append(acc)
     return torch.cat(out_tiles, dim=2).to(q.dtype)
