@@ -1,0 +1,37 @@
+"""The speed bench measures side by side and reports ratios, memory and FLOP bounds."""
+
+import torch
+
+from attnlab.bench import memory, speed
+
+
+def test_run_speed_records_every_mechanism_and_mode():
+    records = speed.run_speed(["softmax", "online"], [64], repeats=2, heads=2, head_dim=8)
+    names = {(r.mechanism, r.causal) for r in records}
+    assert names == {(m, c) for m in ("sdpa", "softmax", "online") for c in (False, True)}
+    for r in records:
+        assert r.ms is not None and r.ms > 0 and len(r.ms_repeats) == 2
+        assert r.speedup is not None and r.speedup > 0
+        assert r.scores_mib == 2 * 64 * 64 * 4 / 2**20
+    base = [r for r in records if r.mechanism == "sdpa"]
+    assert all(abs(r.speedup - 1.0) < 1e-12 for r in base)
+
+
+def test_peak_memory_sees_a_large_temporary():
+    if not memory.available():
+        return
+    size = 256 * 2**20
+
+    def allocate():
+        x = torch.ones(size // 4)
+        return float(x[0])
+
+    _, extra = memory.peak_extra_bytes(allocate)
+    assert extra is not None and extra >= 0.9 * size
+    _, small = memory.peak_extra_bytes(lambda: torch.ones(16).sum())
+    assert small < 0.1 * size
+
+
+def test_full_attention_density():
+    assert speed.full_density(8, causal=False) == 1.0
+    assert speed.full_density(8, causal=True) == 9 / 16
