@@ -20,3 +20,11 @@ def test_table_has_every_mechanism_and_its_paper():
     for name in attnlab.mechanisms():
         assert f"| `{name}` |" in md
         assert attnlab.spec(name).paper.split(":")[-1] in md
+
+
+def test_readme_python_example_runs():
+    text = README.read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["out"].shape == (1, 8, 1024, 64)
