@@ -1,0 +1,138 @@
+"""Lightning Attention-2 (Qin et al., arXiv:2401.04658): blocked causal linear attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from attnlab.core import Mechanism, Spec, register
+from attnlab.core.checks import check_positive_int
+from attnlab.core.errors import AttnInputError
+from attnlab.core.scan import acc_dtype, causal_scan, init_state, linear_attention, state_floats
+
+FEATURES = {"silu": F.silu, "identity": lambda x: x}
+
+
+def decay_slopes(heads: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Per-head decay rates s_h = 2^(-8(h+1)/H); lambda_h = exp(-s_h).
+
+    TransNormerLLM's ALiBi-style slopes (without its per-layer factor)."""
+    h = torch.arange(1, heads + 1, device=device, dtype=dtype)
+    return torch.exp2(-8.0 * h / heads)
+
+
+@register
+class Lightning(Mechanism):
+    """Lightning Attention-2 (arXiv:2401.04658, Algorithm 1), after Lightning Attention
+    ("Various Lengths, Constant Speed", arXiv:2405.17381) and TransNormerLLM.
+
+    O = [(Q Kᵀ) ⊙ M] V with M_ij = lambda^(i-j) for j <= i (0 otherwise), lambda
+    a per-head decay (``decay=False``: lambda = 1, plain causal linear
+    attention). Computed block by block: inside a block the masked matrix
+    (intra), across blocks a running KV state decayed by lambda^B (inter).
+    Q and K go through TransNormerLLM's feature map (``feature``: silu, or
+    identity) and, with ``norm=True``, the output through its NormAttention
+    (a parameter-free RMS norm over the head dim) in place of a softmax
+    denominator. Causal only, as in the paper (a language-model kernel);
+    ``scale`` does not enter. With a decay each query head keeps its own state.
+    """
+
+    spec = Spec(
+        name="lightning",
+        family="linear",
+        title="Lightning Attention-2: intra-block matrix, inter-block decayed KV state",
+        paper="arXiv:2401.04658",
+        exact=False,
+        noncausal=False,
+        cross=False,
+        mask=False,
+        decode=True,
+        complexity="O(N·D²)",
+    )
+    forms: ClassVar[tuple[str, ...]] = ("chunked", "parallel", "recurrent")
+    tiny_config: ClassVar[dict] = {"chunk": 5}
+
+    @dataclass
+    class Config:
+        form: str = "chunked"
+        chunk: int | None = None
+        decay: bool = True
+        feature: str = "silu"
+        norm: bool = True
+        eps: float = 1e-6
+
+        def __post_init__(self):
+            if self.chunk is not None:
+                check_positive_int("chunk", self.chunk)
+            if self.feature not in FEATURES:
+                raise AttnInputError(
+                    f"feature: expected one of {', '.join(FEATURES)}, got {self.feature!r}"
+                )
+
+    def unsupported(self, q, k, v, *, causal=False, mask=None):
+        reasons = super().unsupported(q, k, v, causal=causal, mask=mask)
+        if not causal:
+            reasons[0] = (
+                "causal: Lightning Attention-2 is a causal language-model kernel (the paper "
+                "defines no bidirectional form); pass causal=True"
+            )
+        return reasons
+
+    def _inputs(self, q, k, n):
+        acc = acc_dtype(q)
+        phi = FEATURES[self.config.feature]
+        log_decay = None
+        if self.config.decay:
+            slopes = decay_slopes(q.shape[1], q.device, acc)
+            log_decay = (-slopes)[None, :, None].expand(1, q.shape[1], n)
+        return phi(q.to(acc)), phi(k.to(acc)), log_decay
+
+    def _norm(self, out):
+        if not self.config.norm:
+            return out
+        return out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.config.eps)
+
+    def _attend(self, q, k, v, form):
+        fq, fk, log_decay = self._inputs(q, k, q.shape[2])
+        out = linear_attention(
+            fq,
+            fk,
+            v,
+            causal=True,
+            form=form,
+            chunk=self.config.chunk,
+            log_decay=log_decay,
+            normalize=False,
+        )
+        return self._norm(out)
+
+    def forward(self, q, k, v, *, causal=True, mask=None, scale=None):
+        return self._attend(q, k, v, self.config.form).to(q.dtype)
+
+    def reference(self, q, k, v, *, causal, mask, scale):
+        """The masked decay matrix [(Q Kᵀ) ⊙ M] V, densely."""
+        return self._attend(q, k, v, "parallel")
+
+    def init_state(
+        self, batch, q_heads, kv_heads, head_dim, value_dim, *, dtype=torch.float32, device=None
+    ):
+        """KV state [B, H, D, Dv], H = Hq with a decay (per-head rates), else Hkv."""
+        heads = q_heads if self.config.decay else kv_heads
+        return init_state(
+            batch, heads, head_dim, value_dim, normalize=False, dtype=dtype, device=device
+        )
+
+    def step(self, q, k, v, state, *, scale=None):
+        fq, fk, log_decay = self._inputs(q, k, q.shape[2])
+        out, state = causal_scan(
+            fq, fk, v, form="recurrent", state=state, log_decay=log_decay, normalize=False
+        )
+        return self._norm(out).to(q.dtype), state
+
+    def state_size(self, n, *, q_heads, kv_heads, head_dim, value_dim):
+        """Floats per batch element: H·D·Dv, whatever n."""
+        heads = q_heads if self.config.decay else kv_heads
+        return state_floats(heads, head_dim, value_dim, normalize=False)

@@ -1,0 +1,47 @@
+"""Linear attention with the elu+1 feature map (Katharopoulos et al., arXiv:2006.16236)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+from attnlab.core import Spec, register
+from attnlab.core.checks import check_positive_int
+
+from ._featuremap import FeatureMapAttention
+
+
+@register
+class Linear(FeatureMapAttention):
+    """Linear attention of "Transformers are RNNs" (Katharopoulos et al., arXiv:2006.16236).
+
+    out_i = phi(q_i)ᵀ sum_j phi(k_j) v_jᵀ / phi(q_i)ᵀ sum_j phi(k_j) with
+    phi(x) = elu(x) + 1, over all keys or, causal, over j <= i; the causal
+    sum is the RNN state S_i = S_{i-1} + phi(k_i) v_iᵀ, z_i = z_{i-1} + phi(k_i).
+    The feature map takes q and k as they are: ``scale`` does not enter (the
+    paper's similarity has none). A different model from softmax, so its
+    reference is its own dense definition.
+    """
+
+    spec = Spec(
+        name="linear",
+        family="linear",
+        title="Linear attention, elu+1 feature map (Transformers are RNNs)",
+        paper="arXiv:2006.16236",
+        exact=False,
+        decode=True,
+        complexity="O(N·D²)",
+    )
+
+    @dataclass
+    class Config:
+        form: str = "chunked"
+        chunk: int | None = None
+
+        def __post_init__(self):
+            if self.chunk is not None:
+                check_positive_int("chunk", self.chunk)
+
+    def features(self, x, scale, *, query):
+        return F.elu(x) + 1.0
