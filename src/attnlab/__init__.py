@@ -18,6 +18,7 @@ from attnlab.core import (
     register,
     spec,
 )
+from attnlab.models.swap import use
 
 __version__ = "0.1.0"
 
@@ -31,4 +32,5 @@ __all__ = [
     "mechanisms",
     "register",
     "spec",
+    "use",
 ]

