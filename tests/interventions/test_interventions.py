@@ -134,7 +134,8 @@ def test_identity_output_form_equals_probability_form(smollm2, batch):
     with identity_attention(model, heads, 0.6):
         capture(model, batch, [blended])  # explicit probabilities, blended
     eye = torch.eye(batch["input_ids"].shape[1])
-    torch.testing.assert_close(blended.maps[9][0, 3], 0.4 * plain.maps[9][0, 3] + 0.6 * eye)
+    # layer 4 is the first edited one, so its inputs are the plain ones
+    torch.testing.assert_close(blended.maps[4][0, 7], 0.4 * plain.maps[4][0, 7] + 0.6 * eye)
     torch.testing.assert_close(blended.maps[4][0, 1], plain.maps[4][0, 1])
     with use(model, "chunked"), identity_attention(model, heads, 0.6):
         via_chunked = _logits(model, batch)
