@@ -50,19 +50,6 @@ FLEX_MIN_PAIRS = 1024 * 1024
 _CHUNK_ELEMENTS = 1 << 24
 
 
-def full_pairs(nq: int, nk: int, causal: bool) -> int:
-    """(query, key) pairs of full attention; causal is bottom-right aligned."""
-    if not causal:
-        return nq * nk
-    offset = nk - nq
-    # query i sees min(nk, max(0, i + offset + 1)) keys
-    return sum(min(nk, max(0, i + offset + 1)) for i in range(nq))
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 @dataclass(eq=False)
 class BlockLayout:
     """Which key blocks each query block attends, and the token rule inside them.
@@ -122,7 +109,7 @@ class BlockLayout:
         raw = cls(nq, nk, block, idx, valid, torch.zeros_like(valid), mask_mod)
         any_, all_ = [], []
         for c0, c1 in raw._chunks(1):
-            allowed = raw.token_mask(c0, c1, cache=False)
+            allowed = raw.token_mask(c0, c1)
             bl, hl, c, bq, _ = allowed.shape
             allowed = allowed.reshape(bl, hl, c, bq, idx.shape[-1], block)
             any_.append(allowed.any(dim=-1).any(dim=-2))
@@ -158,20 +145,11 @@ class BlockLayout:
         bl, hl = kpos.shape[:2]
         return qpos, kpos.reshape(bl, hl, c1 - c0, 1, -1)
 
-    def token_mask(self, c0: int, c1: int, *, cache: bool = True) -> torch.Tensor:
+    def token_mask(self, c0: int, c1: int) -> torch.Tensor:
         """Bool [Bl, Hl, c, bq, S*bk]: which gathered pairs of query blocks c0..c1 are allowed.
 
-        Padded queries and keys (beyond Nq, Nk) and padding slots are never
-        allowed. The whole mask is cached on the layout on first use.
+        Padded queries and keys (beyond Nq, Nk) and padding slots are never allowed.
         """
-        if cache:
-            whole = self._cache.get("mask")
-            if whole is None:
-                whole = torch.cat(
-                    [self.token_mask(a, b, cache=False) for a, b in self._chunks(1)], dim=2
-                )
-                self._cache["mask"] = whole
-            return whole[:, :, c0:c1]
         qpos, kpos = self.positions(c0, c1)
         valid = self.kv_valid[:, :, c0:c1, :, None].expand(-1, -1, -1, -1, self.block)
         valid = valid.reshape(valid.shape[0], valid.shape[1], c1 - c0, 1, -1)
@@ -186,10 +164,34 @@ class BlockLayout:
         shape = torch.broadcast_shapes(allowed.shape, (1, 1, c1 - c0, self.block, 1))
         return allowed.expand(shape)
 
+    def _cached(self, name: str, make: Callable[[], Any]) -> Any:
+        if name not in self._cache:
+            self._cache[name] = make()
+        return self._cache[name]
+
+    def allowed(self) -> torch.Tensor:
+        """The whole token mask [Bl, Hl, Nq/block, bq, S*bk], computed once per layout."""
+        return self._cached(
+            "allowed",
+            lambda: torch.cat([self.token_mask(a, b) for a, b in self._chunks(1)], dim=2),
+        )
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """Additive bias [Bl, Hl, Nq/block, bq, S*bk] (0 allowed, -inf not), cached per dtype."""
+        return self._cached(f"bias-{dtype}", lambda: _bias(self.allowed(), dtype)[0])
+
+    def seen(self) -> torch.Tensor:
+        """Bool [Bl, Hl, Nq/block, bq, 1]: queries that have a key to attend (cached)."""
+        return self._cached("seen", lambda: self.allowed().any(dim=-1, keepdim=True))
+
+    def all_full(self) -> bool:
+        """Every visited block is fully visible: no token mask is needed at all."""
+        return self._cached("all_full", lambda: bool((self.kv_full == self.kv_valid).all()))
+
     def pairs(self) -> float:
         """Allowed (query, key) pairs, averaged over the layout's batch and heads."""
         if "pairs" not in self._cache:
-            total = sum(int(self.token_mask(a, b, cache=False).sum()) for a, b in self._chunks(1))
+            total = sum(int(self.token_mask(a, b).sum()) for a, b in self._chunks(1))
             bl, hl = self.kv_indices.shape[:2]
             self._cache["pairs"] = total / (bl * hl)
         return self._cache["pairs"]
@@ -199,10 +201,9 @@ class BlockLayout:
         bl, hl = self.kv_indices.shape[:2]
         return int(self.kv_valid.sum()) * self.block * self.block / (bl * hl)
 
-    def density(self, causal: bool) -> float:
-        """Allowed pairs over those of full attention with the same causality."""
-        total = full_pairs(self.nq, self.nk, causal)
-        return self.pairs() / total if total else 0.0
+    def density(self) -> float:
+        """Allowed pairs over all Nq x Nk pairs (full causal attention has (N+1)/2N)."""
+        return self.pairs() / (self.nq * self.nk)
 
 
 def ranges_to_candidates(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -240,44 +241,60 @@ def torch_block_attention(
     """Block-sparse softmax attention in plain PyTorch (the trainable path).
 
     For a chunk of query blocks, the listed key and value blocks are gathered
-    into [B, H, c, S*block, D], scores are one batched matmul, the token mask
-    and the user's mask are applied, and the softmax over the gathered keys
-    weights the gathered values. Rows that see nothing give zeros. Half
-    precision accumulates in float32.
+    into [B, H, c, S*block, D] and each query block attends its gathered keys
+    with ``scaled_dot_product_attention`` (batched matmul with an online
+    softmax, fused; it has a backward on every device), the token mask and
+    the user's mask entering as an additive -inf bias. Rows that see nothing
+    give zeros. Half precision accumulates in float32 inside the kernel.
     """
     b, hq, nq, _ = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
+    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
     bs, nqb, nkb = layout.block, layout.q_blocks, layout.k_blocks
-    acc = _acc(q.dtype)
     qb = _pad_to(q, nqb * bs).unflatten(2, (nqb, bs))
     kb = _pad_to(k, nkb * bs).unflatten(2, (nkb, bs))
     vb = _pad_to(v, nkb * bs).unflatten(2, (nkb, bs))
     bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
     hi = (torch.arange(hq, device=q.device) // (hq // hkv)).view(1, hq, 1, 1)
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    plain = mask is None and layout.all_full()
     outs = []
     for c0, c1 in layout._chunks(b * hq):
         idx = layout.kv_indices[:, :, c0:c1]
         kg = kb[bi, hi, idx].flatten(3, 4)  # [B, H, c, S*bs, D]
         vg = vb[bi, hi, idx].flatten(3, 4)
-        s = (qb[:, :, c0:c1] @ kg.transpose(-1, -2)).to(acc)
-        allowed = layout.token_mask(c0, c1)
-        if mask is not None:
-            qpos, kpos = layout.positions(c0, c1)
-            allowed = allowed & _user_mask_at(mask, qpos, kpos, nq, nk)
-        if grad:
-            s = (s * scale).masked_fill(~allowed, float("-inf"))
-        else:
-            s.mul_(scale).masked_fill_(~allowed, float("-inf"))
-        m = s.amax(dim=-1, keepdim=True)
-        m = m.masked_fill(torch.isinf(m), 0.0)
-        p = torch.exp(s - m) if grad else s.sub_(m).exp_()
-        total = p.sum(dim=-1, keepdim=True)
-        o = (p.to(v.dtype) @ vg).to(acc)
-        o = torch.where(total > 0, o / total.clamp_min(torch.finfo(acc).tiny), 0.0)
+        bias, seen = None, None
+        if not plain:
+            if mask is None:
+                bias, seen = layout.bias(q.dtype)[:, :, c0:c1], layout.seen()[:, :, c0:c1]
+            else:
+                qpos, kpos = layout.positions(c0, c1)
+                allowed = layout.allowed()[:, :, c0:c1] & _user_mask_at(mask, qpos, kpos, nq, nk)
+                bias, seen = _bias(allowed, q.dtype)
+            bias = bias.expand(b, hq, -1, -1, -1).flatten(0, 1)
+        # the fused kernel computes q kᵀ, the online softmax and the weighted
+        # sum per query block; (B, H) x (query block) act as its batch x heads
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qb[:, :, c0:c1].flatten(0, 1),
+            kg.flatten(0, 1),
+            vg.flatten(0, 1),
+            attn_mask=bias,
+            scale=scale,
+        ).unflatten(0, (b, hq))
+        if seen is not None:
+            o = o * seen.to(o.dtype)
         outs.append(o)
-    out = torch.cat(outs, dim=2).flatten(2, 3)[:, :, :nq]
-    return out.to(q.dtype)
+    return torch.cat(outs, dim=2).reshape(b, hq, nqb * bs, dv)[:, :, :nq]
+
+
+def _bias(allowed: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive score bias (0 or -inf) and the rows that see a key.
+
+    A row that sees nothing gets a zero bias (a harmless uniform softmax, never
+    NaN); its output is multiplied by ``seen`` = 0 afterwards.
+    """
+    seen = allowed.any(dim=-1, keepdim=True)
+    blocked = ~allowed & seen
+    bias = torch.zeros(blocked.shape, dtype=dtype, device=allowed.device)
+    return bias.masked_fill_(blocked, float("-inf")), seen
 
 
 _FLEX: dict[str, Any] = {}
@@ -470,8 +487,8 @@ class StaticBlockSparse(KVCacheDecode, Mechanism):
         return self._layouts.get(key, make)
 
     def density(self, nq: int, nk: int, causal: bool = False, heads: int = 1) -> float:
-        """Fraction of the (query, key) pairs of full attention (same causality) it computes."""
-        return self.layout(nq, nk, causal, heads).density(causal)
+        """Fraction of all Nq x Nk (query, key) pairs that it computes (averaged over heads)."""
+        return self.layout(nq, nk, causal, heads).density()
 
     def unsupported(self, q, k, v, *, causal=False, mask=None):
         reasons = super().unsupported(q, k, v, causal=causal, mask=mask)

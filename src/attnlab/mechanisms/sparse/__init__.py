@@ -1,0 +1,1 @@
+"""Sparse attention: fixed masks and routing, on the shared block-sparse engine (core.blocks)."""
