@@ -1,0 +1,1 @@
+"""Linear-time attention: kernel, recurrent, latent and hybrid forms."""

@@ -1,0 +1,179 @@
+"""DeltaNet: linear attention whose memory is written by the delta rule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from attnlab.core import AttnInputError, Mechanism, Spec, register
+from attnlab.core.checks import check_positive_int
+from attnlab.core.masks import repeat_kv
+
+from ._memory import acc_dtype, align_causal, chunk_size, l2_normalise
+
+
+def delta_chunked(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: float, chunk: int
+) -> torch.Tensor:
+    """Causal delta-rule read-outs by chunks, in the WY form of Yang et al. (arXiv:2406.06484).
+
+    Inside a chunk the updates are ``S_i = S_0 + Σ_{j<=i} k_jᵀ u_j`` with
+    ``u = T (V − K S_0)`` and ``T = (I + β·tril(K Kᵀ, −1))⁻¹ β`` (one triangular
+    solve per chunk, done for all chunks at once); outputs are
+    ``O = Q S_0 + tril(Q Kᵀ) U``. q, k, v: [B, H, N, ·], keys already unit-norm.
+    """
+    b, h, n, d = k.shape
+    dv = v.shape[-1]
+    pad = (-n) % chunk
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    nc = (n + pad) // chunk
+    qc, kc, vc = (t.reshape(b, h, nc, chunk, t.shape[-1]) for t in (q, k, v))
+    lower = beta * (kc @ kc.transpose(-1, -2)).tril(-1)
+    eye = torch.eye(chunk, dtype=k.dtype, device=k.device)
+    solved = torch.linalg.solve_triangular(
+        eye + lower, beta * torch.cat([vc, kc], dim=-1), upper=False, unitriangular=True
+    )
+    u_free, w = solved.split([dv, d], dim=-1)
+    qk = (qc @ kc.transpose(-1, -2)).tril()
+    state = k.new_zeros(b, h, d, dv)
+    outs = []
+    for i in range(nc):
+        u = u_free[:, :, i] - w[:, :, i] @ state
+        outs.append(qc[:, :, i] @ state + qk[:, :, i] @ u)
+        state = state + kc[:, :, i].transpose(-1, -2) @ u
+    return torch.cat(outs, dim=2)[:, :, :n]
+
+
+def delta_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: float):
+    """Causal delta-rule read-outs token by token: the rule as the paper writes it."""
+    b, h, n, d = k.shape
+    state = k.new_zeros(b, h, d, v.shape[-1])
+    outs = []
+    for t in range(n):
+        kt, vt = k[:, :, t : t + 1], v[:, :, t : t + 1]
+        state = state + beta * kt.transpose(-1, -2) @ (vt - kt @ state)
+        outs.append(q[:, :, t : t + 1] @ state)
+    return torch.cat(outs, dim=2)
+
+
+def delta_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: float):
+    """Causal delta-rule read-outs in one quadratic pass: the WY form over the whole sequence."""
+    n = k.shape[2]
+    lower = beta * (k @ k.transpose(-1, -2)).tril(-1)
+    eye = torch.eye(n, dtype=k.dtype, device=k.device)
+    u = torch.linalg.solve_triangular(eye + lower, beta * v, upper=False, unitriangular=True)
+    return (q @ k.transpose(-1, -2)).tril() @ u
+
+
+@register
+class Delta(Mechanism):
+    """DeltaNet: a linear-attention memory written by the delta rule.
+
+    After Schlag et al. (arXiv:2102.11174) and Yang et al., "Parallelizing
+    Linear Transformers with the Delta Rule over Sequence Length"
+    (arXiv:2406.06484). With unit-norm keys k̂ and queries q̂ (the papers' L2
+    normalisation) and a writing strength β (``Config.beta``, the same for
+    every token here; the paper derives it per token from the input, which
+    the q, k, v contract does not carry):
+
+        S_t = S_{t-1} + β k̂_tᵀ (v_t − k̂_t S_{t-1}),    o_t = scale · q̂_t S_t
+
+    so a key written with β = 1 is read back as exactly its value. With
+    0 < β <= 2 and unit keys each update is non-expansive, so the state
+    stays bounded at any length. Forms: ``chunked`` (the paper's WY form:
+    one triangular solve per chunk), ``recurrent`` (token by token) and
+    ``parallel`` (the WY form over the whole sequence, quadratic). The rule
+    is causal; the paper defines no bidirectional form.
+    """
+
+    spec = Spec(
+        name="delta",
+        family="linear",
+        title="DeltaNet: delta-rule linear attention (chunked WY form)",
+        paper="arXiv:2406.06484",
+        exact=False,
+        causal=True,
+        noncausal=False,
+        cross=True,
+        decode=True,
+        backward=True,
+        mask=False,
+        complexity="O(N·C·(D+Dv) + N·D·Dv), state D·Dv",
+    )
+    forms: ClassVar[tuple[str, ...]] = ("chunked", "recurrent", "parallel")
+    tiny_config: ClassVar[dict] = {"chunk": 5}
+
+    @dataclass
+    class Config:
+        beta: float = 0.5
+        chunk: int | None = None
+        form: str = "chunked"
+
+        def __post_init__(self):
+            if (
+                isinstance(self.beta, bool)
+                or not isinstance(self.beta, (int, float))
+                or not 0 < self.beta <= 2
+            ):
+                raise AttnInputError(f"beta: expected a number in (0, 2], got {self.beta!r}")
+            if self.chunk is not None:
+                check_positive_int("chunk", self.chunk)
+
+    def _prepare(self, q, k, v, scale):
+        dt = acc_dtype(q.dtype)
+        qn = l2_normalise(q.to(dt)) * scale
+        return qn, l2_normalise(k.to(dt)), v.to(dt)
+
+    def forward(self, q, k, v, *, causal=False, mask=None, scale=None):
+        qn, kn, vv = self._prepare(q, k, v, scale)
+        groups = q.shape[1] // k.shape[1]
+        kn, vv = repeat_kv(kn, groups), repeat_kv(vv, groups)
+        beta = float(self.config.beta)
+        form = self.config.form
+        if form == "chunked":
+            c = chunk_size(self.config.chunk, kn.shape[2])
+            out = align_causal(lambda qf: delta_chunked(qf, kn, vv, beta, c), qn, kn.shape[2])
+        elif form == "recurrent":
+            out = align_causal(lambda qf: delta_recurrent(qf, kn, vv, beta), qn, kn.shape[2])
+        else:
+            out = align_causal(lambda qf: delta_parallel(qf, kn, vv, beta), qn, kn.shape[2])
+        return out.to(q.dtype)
+
+    def reference(self, q, k, v, *, causal, mask, scale):
+        """The rule token by token, in the inputs' dtype (float64 in the tests)."""
+        groups = q.shape[1] // k.shape[1]
+        qn = l2_normalise(q) * scale
+        kn, vv = repeat_kv(l2_normalise(k), groups), repeat_kv(v, groups)
+        beta = float(self.config.beta)
+        return align_causal(lambda qf: delta_recurrent(qf, kn, vv, beta), qn, k.shape[2])
+
+    def init_state(
+        self, batch, q_heads, kv_heads, head_dim, value_dim, *, dtype=torch.float32, device=None
+    ):
+        """The memory S [B, Hkv, D, Dv], zero."""
+        dt = acc_dtype(dtype)
+        return {"S": torch.zeros(batch, kv_heads, head_dim, value_dim, dtype=dt, device=device)}
+
+    def step(self, q, k, v, state, *, scale=None):
+        """Write each new (k, v) into S with the delta rule, then read it with q."""
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        qn, kn, vv = self._prepare(q, k, v, scale)
+        b, hq, t, d = q.shape
+        hkv = k.shape[1]
+        s = state["S"]
+        beta = float(self.config.beta)
+        outs = []
+        for i in range(t):
+            kt, vt = kn[:, :, i : i + 1], vv[:, :, i : i + 1]
+            s = s + beta * kt.transpose(-1, -2) @ (vt - kt @ s)
+            qg = qn[:, :, i].reshape(b, hkv, hq // hkv, d)
+            outs.append((qg @ s).reshape(b, hq, 1, -1))
+        return torch.cat(outs, dim=2).to(q.dtype), {"S": s}
+
+    def state_size(self, n, *, q_heads, kv_heads, head_dim, value_dim):
+        """Floats per batch element: one D x Dv memory per key-value head, whatever n."""
+        return kv_heads * head_dim * value_dim
