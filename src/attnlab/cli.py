@@ -79,6 +79,41 @@ def info(name: str = typer.Argument(..., help="A mechanism name from `attnlab li
     console.print(cls.__doc__ or "")
 
 
+@app.command()
+def analyze(
+    model: str = typer.Option("smollm2", help="smollm2, minilm, a local folder or a hub id."),
+    text: Path | None = typer.Option(None, help="Analyse this text file (default: shipped text)."),
+    needle: bool = typer.Option(False, "--needle", help="Analyse a needle-in-a-haystack prompt."),
+    tokens: int = typer.Option(512, help="Tokens of input (of context with --needle)."),
+    analyses: list[str] = typer.Option(
+        ["sinks,entropy,distance,fai,patterns"],
+        help="Comma-separated: sinks, entropy, distance, fai, patterns, retrieval, importance, "
+        "rollout, flow, or all.",
+    ),
+    out: Path = typer.Option(Path("attnlab-out"), help="Folder for JSON, PNGs, report.html."),
+    trials: int = typer.Option(3, help="Needles for the retrieval score."),
+):
+    """Measure a real model's attention head by head and write a self-contained report."""
+    from attnlab.report import analyze as run
+
+    if text is not None and needle:
+        raise typer.BadParameter("--text and --needle: give one input, not both")
+    try:
+        names = run.check_analyses(analyses)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    run.analyze(
+        model,
+        text=text,
+        needle=needle,
+        tokens=tokens,
+        analyses=names,
+        out=out,
+        trials=trials,
+        log=console.print,
+    )
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

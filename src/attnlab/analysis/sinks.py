@@ -26,11 +26,17 @@ class Sinks(Analysis):
     Sinks later in the sequence (Yu et al. 2024, "Unveiling and Harnessing Hidden
     Attention Sinks", arXiv:2406.15765; Wong et al. 2025, "On the Existence and
     Behaviour of Secondary Attention Sinks", arXiv:2512.22213) are found by
-    ranking every key position (seen by at least ``min_observers`` queries, so a
-    late token is not crowned on the word of a few) by its head-mean
-    ``alpha_k`` in each layer. The ``top_k`` positions per layer are reported with
-    their tokens and the number of heads that sink into them (``heads``); a
-    position other than 0 with ``heads >= 1`` is a secondary sink.
+    ranking every key position by its head-mean ``alpha_k`` in each layer. Only
+    keys seen by at least ``max(min_observers, N / 4)`` queries compete (so the
+    last tokens, attended by a few neighbours, are not crowned on their word).
+    The ``top_k`` positions per layer are reported with their tokens, the number
+    of heads with ``alpha_k > epsilon`` (``heads``) and ``ratio``: ``alpha_k``
+    over what uniform causal attention would give that key
+    (``mean_t 1 / (t + 1)``). Following Yu et al., who call a token a sink when
+    it draws far more than its uniform share, a position is a sink
+    (``is_sink``) when ``ratio >= ratio_min`` (default 5); a sink other than
+    position 0 is a secondary sink. Secondary sinks draw less than the first
+    token (Wong et al.), so the ratio, not Gu's absolute ``epsilon``, decides.
 
     Massive activations (Sun et al. 2024, "Massive Activations in Large Language
     Models", arXiv:2402.17762): for every sink found, the largest-magnitude
@@ -41,7 +47,7 @@ class Sinks(Analysis):
     Rows: per (layer, head) ``first_token_attention`` (``alpha_0``) and
     ``top_attention`` (the largest ``alpha_k``, with ``position``/``token``); per
     layer (``head=None``) ``sink_rate`` and ``sink`` (``rank``, ``position``,
-    ``token``, ``heads``, ``kind`` = first|secondary, ``is_sink``); per sink and
+    ``token``, ``heads``, ``ratio``, ``kind`` = first|secondary, ``is_sink``); per sink and
     layer ``massive_activation`` (``position``, ``dim``, ``value``, ``ratio``,
     ``massive``). :attr:`alpha` keeps ``alpha`` as float [layers, heads, N].
     """
@@ -56,7 +62,9 @@ class Sinks(Analysis):
         skip_rows: int = 4,
         min_observers: int = 16,
         massive_dims: int = 3,
+        ratio_min: float = 5.0,
     ):
+        self.ratio_min = ratio_min
         self.epsilon = epsilon
         self.top_k = top_k
         self.skip_rows = skip_rows
@@ -91,6 +99,17 @@ class Sinks(Analysis):
             first = torch.full_like(j, self.skip_rows)
         return (n_rows - first).clamp_min(0).to(torch.float64) * self.batch
 
+    def _uniform(self, n: int) -> torch.Tensor:
+        """Each key's ``alpha`` under uniform attention over the visible keys."""
+        n_rows = self.info.seq_len if self.info.seq_len else n
+        if not self.info.causal:
+            return torch.full((n,), 1.0 / n, dtype=torch.float64)
+        inv = 1.0 / torch.arange(1, n_rows + 1, dtype=torch.float64)  # row t gives 1/(t+1)
+        inv[: self.skip_rows] = 0.0
+        tail = inv.flip(0).cumsum(0).flip(0)  # sum_{t >= j} 1/(t+1)
+        obs = self._observers(n) / self.batch
+        return tail[:n] / obs.clamp_min(1.0)
+
     def finish(self) -> list[dict[str, Any]]:
         if self.received is None:
             return []
@@ -98,7 +117,8 @@ class Sinks(Analysis):
         obs = self._observers(n)
         alpha = self.received / obs.clamp_min(1.0)
         self.alpha = alpha.float()
-        need = min(self.min_observers, max(1, n // 2)) * self.batch
+        need = min(max(self.min_observers, n // 4), max(1, n // 2)) * self.batch
+        uniform = self._uniform(n)
         eligible = obs >= need
         tokens = self.info.tokens or []
 
@@ -146,6 +166,7 @@ class Sinks(Analysis):
             k = min(self.top_k, int(eligible.sum()))
             for rank, pos in enumerate(score.topk(k).indices.tolist()):
                 heads = int((alpha[layer, :, pos] > self.epsilon).sum())
+                ratio = float(score[pos] / uniform[pos])
                 out.append(
                     {
                         "analysis": self.name,
@@ -157,7 +178,8 @@ class Sinks(Analysis):
                         "position": pos,
                         "token": tok(pos),
                         "heads": heads,
-                        "is_sink": heads >= 1,
+                        "ratio": ratio,
+                        "is_sink": ratio >= self.ratio_min,
                         "kind": "first" if pos == 0 else "secondary",
                     }
                 )
