@@ -28,12 +28,14 @@ from attnlab.core.errors import AttnInputError
 
 from .swap import HookState, hooked
 
-# elements of one probability block (B * Hq * rows * Nk): 16M floats = 64 MB
-BLOCK_ELEMENTS = 1 << 24
+# elements of one probability block (B * Hq * rows * Nk): 4M floats = 16 MB. Blocks
+# under glibc's 32 MB mmap threshold are recycled from the heap instead of being
+# mapped (and page-faulted) afresh for every block, which is several times faster.
+BLOCK_ELEMENTS = 1 << 22
 
 
 def default_block(batch: int, heads: int, nk: int) -> int:
-    """Query rows per block so that one block of probabilities holds about 16M floats."""
+    """Query rows per block so that one block of probabilities holds about 4M floats."""
     return max(16, BLOCK_ELEMENTS // max(1, batch * heads * nk))
 
 
@@ -48,12 +50,11 @@ class Capture:
     progress: Any = None
 
 
-def _visible(nq: int, kend: int, offset: int, r0: int, causal: bool, device) -> torch.Tensor | None:
-    if not causal:
-        return None
-    rows = torch.arange(r0, r0 + nq, device=device).unsqueeze(1) + offset
-    cols = torch.arange(kend, device=device).unsqueeze(0)
-    return cols <= rows
+def _causal_tail(rows: int, kend: int, tail: int, first_row: int, device) -> torch.Tensor:
+    """Bool [rows, tail]: may query ``first_row + i`` (absolute) see key ``kend - tail + j``."""
+    q_pos = torch.arange(first_row, first_row + rows, device=device).unsqueeze(1)
+    k_pos = torch.arange(kend - tail, kend, device=device).unsqueeze(0)
+    return k_pos <= q_pos
 
 
 def attention_blocks(
@@ -77,26 +78,28 @@ def attention_blocks(
     hkv, nk = k.shape[1], k.shape[2]
     g = hq // hkv
     offset = nk - nq
-    qf, kf = q.float(), k.float()
+    qf, kf = q.float() * scale, k.float()
     for r0 in range(0, nq, block):
         r1 = min(nq, r0 + block)
         rows = r1 - r0
         kend = min(nk, r1 + offset) if causal else nk
         qb = qf[:, :, r0:r1].reshape(b, hkv, g * rows, d)
-        scores = torch.matmul(qb, kf[:, :, :kend].transpose(-1, -2)).mul_(scale)
+        scores = torch.matmul(qb, kf[:, :, :kend].transpose(-1, -2))
         scores = scores.view(b, hkv, g, rows, kend)
-        allowed = _visible(rows, kend, offset, r0, causal, q.device)
+        if causal:
+            # only the last `rows` columns of a causal block hold hidden keys
+            tail = min(rows, kend)
+            tri = _causal_tail(rows, kend, tail, r0 + offset, q.device)
+            scores[..., kend - tail :].masked_fill_(~tri, float("-inf"))
         if mask is not None:
             mb = mask[:, :, r0:r1, :kend] if mask.shape[-2] != 1 else mask[..., :kend]
             if mb.shape[1] == 1:
                 mb = mb.unsqueeze(2)  # [B, 1, 1, rows, kend]
             else:
                 mb = mb.reshape(mb.shape[0], hkv, g, mb.shape[2], kend)
-            allowed = mb if allowed is None else mb & allowed
-        if allowed is not None:
-            scores.masked_fill_(~allowed, float("-inf"))
+            scores.masked_fill_(~mb, float("-inf"))
         probs = torch.softmax(scores, dim=-1).view(b, hq, rows, kend)
-        if allowed is not None:
+        if mask is not None:
             probs = probs.nan_to_num_(0.0)  # rows that see nothing: zeros
         del scores
         yield r0, r1, kend, probs
@@ -143,6 +146,7 @@ def explicit_attention(
         e.prepare(layer, q, k, causal=causal, mask=mask, scale=scale)
     out = torch.empty(b, hq, nq, v.shape[-1], dtype=torch.float32, device=q.device)
     vf = v.float()
+    buffer = None
     for r0, r1, kend, probs in attention_blocks(
         q, k, causal=causal, mask=mask, scale=scale, block=block
     ):
@@ -150,7 +154,15 @@ def explicit_attention(
         for e in prob_edits:
             probs = e.probs(layer, probs, r0 + offset)
         if analyses:
-            full = probs if kend == nk else torch.nn.functional.pad(probs, (0, nk - kend))
+            if kend == nk:
+                full = probs
+            else:
+                # one zeroed buffer per layer: causal blocks only ever widen, so the
+                # columns past this block's `kend` are still zero
+                if buffer is None:
+                    buffer = torch.zeros(b, hq, min(block, nq), nk, device=q.device)
+                full = buffer[:, :, :rows]
+                full[..., :kend].copy_(probs)
             sl = slice(r0 + offset, r1 + offset)
             for a in analyses:
                 a.update(layer, full, sl)
@@ -285,7 +297,7 @@ def capture(
     """Run ``model`` once on ``inputs`` and reduce each layer's attention with ``analyses``.
 
     ``inputs``: token ids [B, N] or a tokenizer's output (its ``attention_mask``
-    is honoured). ``block``: query rows per block (default: about 16M floats per
+    is honoured). ``block``: query rows per block (default: about 4M floats per
     block). ``keep_qk``: layers (or ``{layer: [query heads]}``) whose post-rotary
     q, k, v to keep; k and v are those of each head's key/value group.
     ``progress``: a bar over layers (default: on from 2048 tokens).

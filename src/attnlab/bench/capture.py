@@ -1,0 +1,120 @@
+"""Capture cost: a streaming analysis pass next to the plain SDPA forward, in one process.
+
+Both passes run the base model (no LM head) on the same tokens without
+gradients or cache. Peak memory is the process's peak resident set (VmHWM),
+reset between the passes through ``/proc/self/clear_refs``, so each pass's
+peak includes the loaded model, as a user would see it.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attnlab.analysis.base import Analysis
+
+
+class RowEntropy(Analysis):
+    """Probe for the benchmark: per head, the mean Shannon entropy of attention rows (nats)."""
+
+    name = "row-entropy"
+
+    def begin(self, info):
+        super().begin(info)
+        self.sums = torch.zeros(info.n_layers, info.n_heads, dtype=torch.float64)
+
+    def update(self, layer, probs, rows):
+        # p·log p with 0·log 0 = 0, in place on one temporary (xlogy is ~3x slower)
+        plogp = probs.clamp_min(1e-30).log_().mul_(probs)
+        self.sums[layer] -= plogp.sum(dim=(-1, -2)).sum(0).double()
+
+    def finish(self):
+        n = self.info.seq_len * self.info.input_ids.shape[0]
+        return [
+            {
+                "analysis": self.name,
+                "layer": layer,
+                "head": h,
+                "metric": "entropy",
+                "value": float(self.sums[layer, h] / n),
+            }
+            for layer in range(self.sums.shape[0])
+            for h in range(self.sums.shape[1])
+        ]
+
+
+def _status_kb(field: str) -> int | None:
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return None
+
+
+def reset_peak() -> bool:
+    """Reset the process's peak resident set to the current one (Linux); False if impossible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident set of this process since start or the last :func:`reset_peak`, in MB."""
+    kb = _status_kb("VmHWM")
+    if kb is None:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024
+
+
+def run(
+    model_name: str = "smollm2",
+    tokens: int = 8192,
+    *,
+    block: int | None = None,
+    text: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Time and peak memory of the plain forward and of a captured one, side by side."""
+    from attnlab.models import capture, load
+    from attnlab.models.text import text_ids
+
+    model, tok = load(model_name)
+    ids, copies = text_ids(tok, tokens, text)
+    base = model.base_model
+    record: dict[str, Any] = {
+        "model": model_name,
+        "tokens": int(ids.shape[1]),
+        "text_copies": copies,
+        "threads": torch.get_num_threads(),
+        "block": block,
+    }
+    gc.collect()
+    record["rss_loaded_mb"] = (_status_kb("VmRSS") or 0) / 1024
+    reset_peak()
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = base(input_ids=ids, use_cache=False)
+    record["sdpa_seconds"] = time.perf_counter() - t
+    record["sdpa_peak_mb"] = peak_rss_mb()
+    del out
+    gc.collect()
+    reset_peak()
+    t = time.perf_counter()
+    result = capture(model, ids, [RowEntropy()], block=block, progress=progress)
+    record["capture_seconds"] = time.perf_counter() - t
+    record["capture_peak_mb"] = peak_rss_mb()
+    record["time_ratio"] = record["capture_seconds"] / record["sdpa_seconds"]
+    record["rows"] = len(result.rows)
+    ent = result.rows.grid("entropy")
+    record["mean_entropy_layer0"] = sum(ent[0]) / len(ent[0])
+    return record

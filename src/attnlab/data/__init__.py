@@ -1,0 +1,1 @@
+"""Data files shipped with attnlab (public-domain texts)."""
