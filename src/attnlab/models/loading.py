@@ -224,6 +224,10 @@ def load(
     if attn_implementation:
         options["attn_implementation"] = attn_implementation
     options.update(kwargs)
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a one-second load needs no bar
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
         model = auto.from_pretrained(source, **options)
@@ -238,6 +242,9 @@ def load(
                 else ""
             )
         ) from exc
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     if device is not None:
         model = model.to(device)
     model.eval()
