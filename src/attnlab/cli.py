@@ -381,3 +381,212 @@ def bench_capture(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(r, indent=2))
         console.print(f"wrote {out}")
+
+
+# --- linear family: scaling, decode, chunks, quality (bench/scaling.py, bench/quality.py) ---
+
+
+def _write_json(out: Path | None, data) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=2))
+        console.print(f"wrote {out}")
+
+
+@bench_app.command("scaling")
+def bench_scaling(
+    mechanisms: str = typer.Option("linear,lightning,based", help="Comma-separated names."),
+    n: str = typer.Option("1024,2048,4096,8192,16384,32768,65536", help="Sequence lengths."),
+    sdpa_max: int = typer.Option(16384, help="Run SDPA side by side up to this N."),
+    heads: int = typer.Option(8, help="H"),
+    head_dim: int = typer.Option(64, help="D"),
+    repeats: int = typer.Option(3, help="Timed repeats (median) after a warm-up."),
+    config: list[str] = typer.Option([], help="Mechanism options, NAME:KEY=VALUE (repeatable)."),
+    out: Path | None = typer.Option(None, help="Write the results as JSON here."),
+):
+    """Causal time against N next to SDPA: crossover N and the fitted exponent of time vs N."""
+    from rich.progress import Progress
+
+    from attnlab.bench import scaling
+
+    names = [m for m in mechanisms.split(",") if m]
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("bench scaling", total=None)
+        results = scaling.run_scaling(
+            names,
+            _int_list(n, "--n"),
+            sdpa_max=sdpa_max,
+            heads=heads,
+            head_dim=head_dim,
+            repeats=repeats,
+            configs=_parse_configs(config),
+            progress=lambda what: bar.update(task, description=what),
+        )
+    t = Table(title=f"bench scaling: causal, B1 H{heads} D{head_dim} float32, median ms")
+    t.add_column("N", justify="right")
+    t.add_column("sdpa", justify="right")
+    for r in results:
+        t.add_column(r.mechanism, justify="right")
+        t.add_column("× SDPA", justify="right")
+    for i, size in enumerate(results[0].ns):
+        sdpa_ms = results[0].sdpa_ms[i]
+        row = [str(size), "-" if sdpa_ms is None else f"{sdpa_ms:.1f}"]
+        for r in results:
+            s = r.speedup[i]
+            row += [f"{r.ms[i]:.1f}", "-" if s is None else f"{s:.1f}"]
+        t.add_row(*row)
+    console.print(t)
+    for r in results:
+        exp = "-" if r.exponent is None else f"{r.exponent:.2f}"
+        console.print(
+            f"{r.mechanism}: crossover N = {r.crossover_n} ({r.crossover_note}); "
+            f"fitted exponent of time vs N over {r.exponent_range[:1]}..{r.exponent_range[-1:]}"
+            f": {exp}"
+        )
+    _write_json(out, scaling.as_json(results))
+
+
+@bench_app.command("decode")
+def bench_decode(
+    mechanisms: str = typer.Option("linear,lightning,based,softmax", help="Comma-separated."),
+    positions: str = typer.Option("1024,16384", help="Positions to time one step at."),
+    heads: int = typer.Option(8, help="H"),
+    head_dim: int = typer.Option(64, help="D"),
+    repeats: int = typer.Option(30, help="Timed steps (median) at each position."),
+    threads: int = typer.Option(1, help="Intra-op threads while decoding."),
+    out: Path | None = typer.Option(None, help="Write the results as JSON here."),
+):
+    """Cost of one decoding step at each position (state built by decoding up to it)."""
+    from rich.progress import Progress
+
+    from attnlab.bench import scaling
+
+    pos = _int_list(positions, "--positions")
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("bench decode", total=None)
+        try:
+            results = scaling.run_decode(
+                [m for m in mechanisms.split(",") if m],
+                pos,
+                heads=heads,
+                head_dim=head_dim,
+                repeats=repeats,
+                threads=threads,
+                progress=lambda what: bar.update(task, description=what),
+            )
+        except attnlab.AttnInputError as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(2) from exc
+    t = Table(
+        title=f"bench decode: one step, B1 H{heads} D{head_dim} float32, {threads} thread(s), "
+        "median ms"
+    )
+    t.add_column("mechanism")
+    for p in pos:
+        t.add_column(f"ms @ {p}", justify="right")
+        t.add_column(f"state @ {p}", justify="right")
+    t.add_column(f"ms @ {pos[-1]} / ms @ {pos[0]}", justify="right")
+    for r in results:
+        row = [r.mechanism]
+        for ms, size in zip(r.step_ms, r.state_floats, strict=True):
+            row += [f"{ms:.3f}", f"{size:,}"]
+        t.add_row(*row, f"{r.ratio_last_first:.2f}")
+    console.print(t)
+    _write_json(out, scaling.as_json(results))
+
+
+@bench_app.command("chunks")
+def bench_chunks(
+    features: str = typer.Option("16,64,128,273", help="Feature dims F to measure."),
+    chunks: str = typer.Option("32,64,128,256", help="Chunk sizes C to try."),
+    n: int = typer.Option(8192, help="Sequence length."),
+    repeats: int = typer.Option(3, help="Timed repeats (median)."),
+    out: Path | None = typer.Option(None, help="Write the rows as JSON here."),
+):
+    """Time of the chunked linear-attention scan per (F, C): the table behind choose_chunk."""
+    from attnlab.bench import scaling
+    from attnlab.core.scan import choose_chunk
+
+    size = n
+    rows = scaling.run_chunks(
+        _int_list(features, "--features"),
+        _int_list(chunks, "--chunks"),
+        n=size,
+        repeats=repeats,
+        progress=console.print,
+    )
+    t = Table(title=f"bench chunks: causal scan, B1 H8 Dv64 N={size} float32, median ms")
+    for col in ("F", "C", "ms", "fastest", "choose_chunk"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(
+            str(r["feature_dim"]),
+            str(r["chunk"]),
+            f"{r['ms']:.1f}",
+            "✓" if r["best"] else "",
+            str(choose_chunk(size, r["feature_dim"])),
+        )
+    console.print(t)
+    _write_json(out, rows)
+
+
+@bench_app.command("quality")
+def bench_quality(
+    mechanisms: str = typer.Option("", help="Comma-separated (default: every approximate one)."),
+    qk: Path | None = typer.Option(None, help="safetensors of <prefix>.q/.k/.v [B,H,N,D]."),
+    n: int = typer.Option(1024, help="N of the random inputs (without --qk)."),
+    heads: int = typer.Option(8, help="H of the random inputs."),
+    head_dim: int = typer.Option(64, help="D of the random inputs."),
+    causal: str = typer.Option("both", help="both, true or false."),
+    config: list[str] = typer.Option([], help="Mechanism options, NAME:KEY=VALUE (repeatable)."),
+    out: Path | None = typer.Option(None, help="Write the records as JSON here."),
+):
+    """Relative error of each approximate mechanism against exact softmax on the same q, k, v."""
+    from rich.progress import Progress
+
+    from attnlab.bench import quality
+
+    modes = {"both": (True, False), "true": (True,), "false": (False,)}
+    if causal not in modes:
+        raise typer.BadParameter(f"--causal: expected both, true or false, got {causal!r}")
+    try:
+        inputs = (
+            quality.load_qkv(qk)
+            if qk is not None
+            else quality.random_qkv(n, heads=heads, kv_heads=heads, head_dim=head_dim)
+        )
+        names = [m for m in mechanisms.split(",") if m] or None
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("bench quality", total=None)
+            records = quality.run_quality(
+                inputs,
+                names,
+                causal_modes=modes[causal],
+                configs=_parse_configs(config),
+                progress=lambda what: bar.update(task, description=what),
+            )
+    except attnlab.AttnInputError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    t = Table(title="bench quality: error against exact softmax (float64 reference)")
+    columns = ("mechanism", "family", "input", "mode", "rel. error", "cosine", "state", "KV cache")
+    for col in columns:
+        t.add_column(col, justify="left" if col in ("mechanism", "family", "input") else "right")
+    for r in records:
+        mode = "causal" if r.causal else "full"
+        if r.skipped:
+            t.add_row(r.mechanism, r.family, r.source, mode, "skipped", r.skipped[:60], "", "")
+            continue
+        state = "-" if r.state_floats is None else f"{r.state_floats:,}"
+        t.add_row(
+            r.mechanism,
+            r.family,
+            r.source,
+            mode,
+            f"{r.rel_error:.4f}",
+            f"{r.cosine:.4f}",
+            state,
+            f"{r.kv_cache_floats:,}",
+        )
+    console.print(t)
+    _write_json(out, quality.as_json(records))

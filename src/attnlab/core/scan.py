@@ -45,7 +45,7 @@ import torch
 #   F=273: C32 5888, C64 3215, C128 3079, C256 3432, C512 2590
 # (load average 7 on 2 cores: differences under ~20% are noise, so 128 is
 # kept wherever it is within that of the best).
-CHUNK_TABLE: tuple[tuple[int, int], ...] = ((96, 128), (192, 64), (10**9, 128))
+CHUNK_TABLE: tuple[tuple[int, int], ...] = ((96, 64), (192, 64), (10**9, 128))
 
 # Elements allowed in one block's largest intermediate (scores or per-chunk
 # states); bounds memory at any N while keeping the batched matmuls large.
@@ -125,14 +125,15 @@ def _layout(fq, fk, v, log_decay, normalize):
 
 
 def _finish(out5, normalize, hq):
-    """[B, H, G, N, Dv(+1)] -> [B, Hq, N, Dv], dividing by the normaliser column."""
+    """[B, H, G, N, Dv(+1)] -> [B, Hq, N, Dv], dividing by the normaliser column.
+
+    A row that sees no key has a zero normaliser and a zero numerator: it stays 0.
+    """
     b, h, g, n, dv1 = out5.shape
     out = out5.reshape(b, h * g, n, dv1)
     if not normalize:
         return out
-    num, den = out[..., :-1], out[..., -1:]
-    tiny = torch.finfo(out.dtype).tiny
-    return torch.where(den > 0, num / den.clamp_min(tiny), torch.zeros_like(num))
+    return out[..., :-1] / out[..., -1:].clamp_min(torch.finfo(out.dtype).tiny)
 
 
 def _state_in(state, normalize, acc):
@@ -183,7 +184,7 @@ def _parallel(fq5, fk5, v5, log_decay, causal, offset, mask):
         cols = torch.arange(nk, device=a.device)[None, :]
         allowed = cols <= rows + offset
     if log_decay is not None:
-        cum = log_decay.cumsum(-1)
+        cum = log_decay.expand(*log_decay.shape[:-1], nk).cumsum(-1)
         expo = cum[..., :, None] - cum[..., None, :]
         if allowed is not None:
             expo = expo.masked_fill(~allowed, float("-inf"))
@@ -204,6 +205,9 @@ def _chunked(fq5, fk5, v5, log_decay, s5, chunk):
     dv1 = v5.shape[-1]
     c = max(1, min(chunk, n))
     pad = (-n) % c
+    constant = log_decay is not None and log_decay.shape[-1] == 1 and not pad and g == 1
+    if log_decay is not None and not constant:
+        log_decay = log_decay.expand(*log_decay.shape[:-1], n)
     if pad:
         fq5 = torch.nn.functional.pad(fq5, (0, 0, 0, pad))
         fk5 = torch.nn.functional.pad(fk5, (0, 0, 0, pad))
@@ -214,25 +218,27 @@ def _chunked(fq5, fk5, v5, log_decay, s5, chunk):
     fq6 = fq5.reshape(b, h, g, nc, c, f)
     fk6 = fk5.reshape(b, h, 1, nc, c, f)
     v6 = v5.reshape(b, h, 1, nc, c, dv1)
-    ld = None if log_decay is None else log_decay.reshape(*log_decay.shape[:3], nc, c)
-    tril = torch.ones(c, c, dtype=torch.bool, device=fq5.device).tril()
     per_chunk = b * h * max(g * c * c, f * dv1, g * c * dv1)
     block = max(1, min(nc, _BLOCK_ELEMENTS // max(per_chunk, 1)))
+    if constant:
+        return _chunked_constant(fq6, fk6, v6, log_decay[..., None, None], s5, block)
+    if log_decay is None and g == 1:
+        return _chunked_plain(fq6, fk6, v6, s5, block, pad)
+    ld = None if log_decay is None else log_decay.reshape(*log_decay.shape[:3], nc, c)
+    tril = torch.ones(c, c, dtype=torch.bool, device=fq5.device).tril()
     outs = []
     for c0 in range(0, nc, block):
         sl = slice(c0, min(c0 + block, nc))
         q, k, vv = fq6[:, :, :, sl], fk6[:, :, :, sl], v6[:, :, :, sl]
         scores = q @ k.transpose(-1, -2)  # [B, H, G, nb, C, C]
         if ld is None:
-            scores = scores.masked_fill(~tril, 0.0)
-            kv = k.transpose(-1, -2) @ vv  # [B, H, 1, nb, F, Dv1]
-            cum = kv.cumsum(dim=3)
-            s_in = (
-                torch.cat([torch.zeros_like(kv[:, :, :, :1]), cum[:, :, :, :-1]], dim=3)
-                + s5[:, :, :, None]
-            )
-            out = scores @ vv + q @ s_in
-            s5 = s5 + cum[:, :, :, -1]
+            scores.tril_()
+            cum = (k.transpose(-1, -2) @ vv).cumsum(dim=3)  # [B, H, 1, nb, F, Dv1]
+            cum += s5[:, :, :, None]  # state after each chunk
+            out = scores @ vv
+            out[:, :, :, 1:] += q[:, :, :, 1:] @ cum[:, :, :, :-1]
+            out[:, :, :, :1] += q[:, :, :, :1] @ s5[:, :, :, None]
+            s5 = cum[:, :, :, -1]
         else:
             lc = ld[:, :, :, sl].cumsum(-1)  # [B|1, H|1, 1, nb, C], within-chunk running sum
             expo = (lc[..., :, None] - lc[..., None, :]).masked_fill(~tril, float("-inf"))
@@ -244,9 +250,9 @@ def _chunked(fq5, fk5, v5, log_decay, s5, chunk):
             nb = total.shape[-1]
             lower = torch.ones(nb, nb, dtype=torch.bool, device=fq5.device).tril(-1)
             w = torch.exp(after.masked_fill(~lower, float("-inf")))  # chunk c' -> entering c
-            s_in = (w @ kv.flatten(-2)).reshape(kv.shape) + torch.exp(before)[..., None, None] * s5[
-                :, :, :, None
-            ]
+            s_in = (w @ kv.flatten(-2)).reshape(kv.shape) + torch.exp(before)[
+                ..., None, None
+            ] * s5[:, :, :, None]
             out = scores @ vv + (q * torch.exp(lc)[..., None]) @ s_in
             end = before[..., -1] + total[..., -1]  # all decay of the block
             w_end = torch.exp(end[..., None] - before - total)  # chunk c' -> end of block
@@ -254,13 +260,83 @@ def _chunked(fq5, fk5, v5, log_decay, s5, chunk):
                 ..., None, None
             ] * s5
         outs.append(out)
-    out5 = torch.cat(outs, dim=3).reshape(b, h, g, nc * c, dv1)[..., :n, :]
-    return out5, s5
+    out5 = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)).reshape(b, h, g, nc * c, dv1)
+    return (out5[..., :n, :] if pad else out5), s5
+
+
+def _chunked_plain(fq6, fk6, v6, s5, block, pad):
+    """The chunked scan without decay, one query head per state, on 3-d batched matmuls:
+    out_c = q_c S_(c-1) + tril(q_c k_cᵀ) v_c, S_c the state after chunk c."""
+    b, h, _, nc, c, f = fq6.shape
+    dv1 = v6.shape[-1]
+    bh = b * h
+    state = s5.reshape(bh, 1, f, dv1)
+    outs = []
+    for c0 in range(0, nc, block):
+        c1 = min(c0 + block, nc)
+        q = fq6[:, :, 0, c0:c1].reshape(-1, c, f)
+        k = fk6[:, :, 0, c0:c1].reshape(-1, c, f)
+        v = v6[:, :, 0, c0:c1].reshape(-1, c, dv1)
+        kv = torch.bmm(k.transpose(1, 2), v).view(bh, c1 - c0, f, dv1)
+        kv.cumsum_(1)
+        kv += state  # kv[:, i]: the state after chunk i
+        before = torch.cat([state, kv[:, :-1]], dim=1)  # the state entering each chunk
+        state = kv[:, -1:]
+        out = torch.bmm(q, before.view(-1, f, dv1))
+        out.baddbmm_(torch.bmm(q, k.transpose(1, 2)).tril_(), v)
+        outs.append(out.view(bh, c1 - c0, c, dv1))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    out = out.reshape(b, h, 1, nc * c, dv1)
+    n = nc * c - pad
+    return (out[..., :n, :] if pad else out), state.reshape(s5.shape)
+
+
+def _chunked_constant(fq6, fk6, v6, lam, s5, block):
+    """The chunked scan for a decay constant along the sequence, lam [B|1, H|1, 1, 1, 1, 1].
+
+    Every chunk then shares one C x C decay mask lambda^(i-j) and one chunk decay
+    lambda^C (Lightning Attention-2, Algorithm 1); one query head per state.
+    """
+    b, h, _, nc, c, f = fq6.shape
+    dv1 = v6.shape[-1]
+    bh = b * h
+    lam = lam.reshape(lam.shape[0], lam.shape[1]).expand(b, h).reshape(bh, 1, 1)
+    idx = torch.arange(c, device=fq6.device, dtype=fq6.dtype)
+    lower = torch.ones(c, c, dtype=torch.bool, device=fq6.device).tril()
+    gaps = (idx[:, None] - idx[None, :]).masked_fill(~lower, float("inf"))
+    mask = torch.exp(gaps * lam)[:, None]  # [BH, 1, C, C], zero above the diagonal
+    into = torch.exp((idx + 1)[:, None] * lam)[:, None]  # [BH, 1, C, 1] chunk start -> i
+    out_of = torch.exp((c - 1 - idx)[:, None] * lam)[:, None]  # [BH, 1, C, 1] j -> chunk end
+    state = s5.reshape(bh, f * dv1)
+    outs = []
+    for c0 in range(0, nc, block):
+        c1 = min(c0 + block, nc)
+        nb = c1 - c0
+        q = fq6[:, :, 0, c0:c1].reshape(bh, nb, c, f)
+        k = fk6[:, :, 0, c0:c1].reshape(bh, nb, c, f)
+        v = v6[:, :, 0, c0:c1].reshape(-1, c, dv1)
+        kv = torch.bmm((k * out_of).reshape(-1, c, f).transpose(1, 2), v)  # [BH*nb, F, Dv1]
+        steps = torch.arange(nb, device=q.device, dtype=q.dtype)
+        gap = (steps[:, None] - 1 - steps[None, :]).masked_fill(
+            ~torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril(-1), float("inf")
+        )
+        w = torch.exp(gap * (c * lam))  # [BH, nb, nb]: chunk c' -> entering chunk c
+        s_in = torch.bmm(w, kv.view(bh, nb, f * dv1))
+        s_in += torch.exp(steps[:, None] * (c * lam)) * state[:, None]  # [BH, nb, F*Dv1]
+        scores = (q @ k.transpose(-1, -2)).mul_(mask).view(-1, c, c)
+        out = torch.bmm((q * into).view(-1, c, f), s_in.view(-1, f, dv1))
+        out.baddbmm_(scores, v)
+        state = torch.exp(c * lam[:, 0]) * s_in[:, -1] + kv.view(bh, nb, -1)[:, -1]
+        outs.append(out.view(bh, nb, c, dv1))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return out.reshape(b, h, 1, nc * c, dv1), state.reshape(s5.shape)
 
 
 def _recurrent(fq5, fk5, v5, log_decay, s5):
     """Causal square scan token by token from state s5; returns (out5, final state)."""
     outs = []
+    if log_decay is not None:
+        log_decay = log_decay.expand(*log_decay.shape[:-1], fq5.shape[-2])
     for t in range(fq5.shape[-2]):
         if log_decay is not None:
             s5 = torch.exp(log_decay[..., t])[..., None, None] * s5
@@ -283,7 +359,8 @@ def causal_scan(
     """Causal linear attention of N new tokens after ``state`` (Nq == Nk == N).
 
     ``form``: "chunked" or "recurrent" (the decoding loop). ``log_decay``
-    [B|1, H|1, N] is log g_t <= 0 of the per-step scalar decay. Returns the
+    [B|1, H|1, N] is log g_t <= 0 of the per-step scalar decay ([B|1, H|1, 1]: the
+    same decay at every step, which the chunked form computes with one shared mask). Returns the
     output [B, Hq, N, Dv] in float32 (float64 for float64 input) and the new
     state (see :func:`init_state`; with a per-query-head decay the state has Hq heads).
     """

@@ -87,7 +87,7 @@ class Lightning(Mechanism):
         log_decay = None
         if self.config.decay:
             slopes = decay_slopes(q.shape[1], q.device, acc)
-            log_decay = (-slopes)[None, :, None].expand(1, q.shape[1], n)
+            log_decay = (-slopes)[None, :, None]  # the same decay at every step
         return phi(q.to(acc)), phi(k.to(acc)), log_decay
 
     def _norm(self, out):

@@ -44,4 +44,4 @@ class Linear(FeatureMapAttention):
                 check_positive_int("chunk", self.chunk)
 
     def features(self, x, scale, *, query):
-        return F.elu(x) + 1.0
+        return F.elu(x).add_(1.0)
