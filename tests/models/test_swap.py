@@ -96,3 +96,13 @@ def test_encoder_with_padding(minilm):
             swapped = model(**batch).last_hidden_state
     keep = batch["attention_mask"].bool()
     torch.testing.assert_close(swapped[keep], own[keep], rtol=1e-4, atol=1e-4)
+
+
+def test_cache_needs_cross_form_says_how_to_generate(smollm2):
+    model, tok = smollm2
+    batch = tok("One, two, three,", return_tensors="pt")
+    with use(model, "lightning"), torch.no_grad():
+        with pytest.raises(attnlab.AttnInputError, match="use_cache=False"):
+            model.generate(**batch, max_new_tokens=2, do_sample=False)
+        out = model.generate(**batch, max_new_tokens=2, do_sample=False, use_cache=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 2

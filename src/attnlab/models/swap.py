@@ -147,7 +147,15 @@ def attnlab_attention(
     else:
         if mechanism is None:
             mechanism = _default_mechanism("softmax")
-        out = mechanism(query, key, value, causal=causal, mask=mask, scale=scaling)
+        try:
+            out = mechanism(query, key, value, causal=causal, mask=mask, scale=scaling)
+        except AttnInputError as exc:
+            if nq < key.shape[2] and not mechanism.spec.cross:
+                raise AttnInputError(
+                    f"{exc}; a KV cache gives fewer queries than keys: generate with "
+                    "use_cache=False for this mechanism"
+                ) from exc
+            raise
         if state is not None:
             for edit in state.edits:
                 out = edit.output(layer, out, query, key, value)
