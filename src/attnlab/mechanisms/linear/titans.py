@@ -84,20 +84,22 @@ def titans_chunked(q, k, v, *, alpha: float, eta: float, theta: float, chunk: in
     qk = (qc @ kc.transpose(-1, -2)) * gamma
     mem = k.new_zeros(b, h, d, dv)
     surprise = torch.zeros_like(mem)
-    outs = []
-    for i in range(nc):
+    mems, surprises, errs = [], [], []
+    for i in range(nc):  # the sequential part: memory and surprise at each mini-batch start
         ki = kc[:, :, i]
         err = theta * (ki @ mem - vc[:, :, i])
-        qi = qc[:, :, i]
-        outs.append(
-            a_pow[:, None] * (qi @ mem) + s_coef[:, None] * (qi @ surprise) - qk[:, :, i] @ err
-        )
+        mems.append(mem)
+        surprises.append(surprise)
+        errs.append(err)
         new_surprise = eta**c * surprise - ki.transpose(-1, -2) @ (eta_back[:, None] * err)
         mem = (
             a**c * mem + eta * g[c - 1] * surprise - ki.transpose(-1, -2) @ (g_back[:, None] * err)
         )
         surprise = new_surprise
-    return torch.cat(outs, dim=2)[:, :, :n]
+    mem0, surprise0 = torch.stack(mems, dim=2), torch.stack(surprises, dim=2)
+    out = a_pow[:, None] * (qc @ mem0) + s_coef[:, None] * (qc @ surprise0)
+    out = out - qk @ torch.stack(errs, dim=2)
+    return out.reshape(b, h, nc * c, dv)[:, :, :n]
 
 
 @register
