@@ -1,0 +1,99 @@
+"""BiFormer's bi-level routing attention (Zhu et al., arXiv:2303.08801)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from attnlab.core import Mechanism, Spec, register
+from attnlab.core.blocks import PATHS, BlockLayout, block_sparse_attention, flex_unsupported
+from attnlab.core.checks import check_positive_int
+from attnlab.core.masks import repeat_kv
+
+from ._routed import pool_blocks
+
+
+@register
+class BiFormer(Mechanism):
+    """Bi-level routing attention, after "BiFormer: Vision Transformer with Bi-Level
+    Routing Attention" (Zhu et al., arXiv:2303.08801).
+
+    The sequence is cut into regions of ``region`` tokens (the paper's S x S
+    grid of image regions, flattened; order the tokens region by region to
+    use it on images). Region-level queries and keys are the means of the
+    queries and keys of each region; the region affinity A = Qr Krᵀ gives each
+    query region its ``top_k`` key regions, and every token of the query
+    region then attends, with one softmax, to all tokens of those regions.
+    The paper's local context enhancement (a depth-wise convolution on V
+    added to the output) belongs to the layer, not to the attention, and is
+    left out. Routing reads every token of a query region, so there is no
+    causal form.
+
+    Paths (``form``) from the shared block-sparse engine: ``"torch"``
+    (gathered regions, trainable), ``"flex"`` (compiled FlexAttention,
+    inference) and ``"auto"`` (its chooser).
+    """
+
+    spec = Spec(
+        name="biformer",
+        family="sparse",
+        title="BiFormer: bi-level routing attention (top-k regions)",
+        paper="arXiv:2303.08801",
+        exact=False,
+        causal=False,
+        complexity="O(N·k·R·D + (N/R)²·D)",
+    )
+    tiny_config: ClassVar[dict] = {"region": 4, "top_k": 2}
+    forms: ClassVar[tuple[str, ...]] = PATHS
+
+    @dataclass
+    class Config:
+        region: int = 64
+        top_k: int = 4
+        form: str = "auto"
+
+        def __post_init__(self):
+            check_positive_int("region", self.region)
+            check_positive_int("top_k", self.top_k)
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        self._last: BlockLayout | None = None
+
+    def unsupported(self, q, k, v, *, causal=False, mask=None):
+        reasons = super().unsupported(q, k, v, causal=causal, mask=mask)
+        if self.config.form == "flex":
+            reasons += flex_unsupported(q, k, v)
+        return reasons
+
+    def route(self, q: torch.Tensor, k: torch.Tensor) -> BlockLayout:
+        """The layout: for each query region, its ``top_k`` key regions by affinity."""
+        r = self.config.region
+        nkr = -(-k.shape[2] // r)
+        with torch.no_grad():
+            qr = pool_blocks(q, r)
+            kr = repeat_kv(pool_blocks(k, r), q.shape[1] // k.shape[1])
+            affinity = qr @ kr.transpose(-1, -2)  # [B, H, nqr, nkr]
+            idx = affinity.topk(min(self.config.top_k, nkr), dim=-1).indices
+        return BlockLayout.build(None, idx, q.shape[2], k.shape[2], r)
+
+    def forward(self, q, k, v, *, causal=False, mask=None, scale=None):
+        layout = self.route(q, k)
+        self._last = layout
+        out = block_sparse_attention(q, k, v, layout, scale=scale, mask=mask, path=self.config.form)
+        return out.to(q.dtype)
+
+    def limit(self, n):
+        """Every key region routed: ``top_k`` = the number of regions."""
+        return dataclasses.replace(self.config, top_k=max(1, -(-n // self.config.region)))
+
+    def density(self, nq: int, nk: int, causal: bool = False) -> float:
+        """Share of the Nq x Nk pairs computed: from the last call's routing when it had
+        this shape, else min(top_k·region, Nk)/Nk (exact when Nk is a multiple of region)."""
+        last = self._last
+        if last is not None and (last.nq, last.nk) == (nq, nk):
+            return last.density()
+        return min(self.config.top_k * self.config.region, nk) / nk
