@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/attnlab list
 	$(BIN)/attnlab bench speed --mechanisms softmax,chunked,online --n 1024,4096 --repeats 3 --out demo-out/bench-speed.json
+	$(BIN)/attnlab analyze --model smollm2 --tokens 512 --out demo-out
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
