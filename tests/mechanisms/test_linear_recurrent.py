@@ -207,3 +207,29 @@ def test_infsa_one_centrality_for_all_queries():
     torch.testing.assert_close(out, out[:, :, :1].expand_as(out))
     same = attnlab.get("infsa", rho=0.5)(q, k.abs(), v.new_ones(v.shape))  # one value everywhere
     assert torch.isfinite(same).all() and (same <= 0.5 + 1e-6).all()
+
+
+@pytest.mark.parametrize("name", ["latte", "gsa", "delta", "titans"])
+def test_causal_more_queries_than_keys(name):
+    """Nq > Nk, bottom-right: the first Nq − Nk queries see no key (zeros); the rest read
+    the state at their aligned key position, as with the trailing Nk queries alone."""
+    q, k, v = torch.randn(1, 2, 29, 4), torch.randn(1, 1, 13, 4), torch.randn(1, 1, 13, 3)
+    mech = attnlab.get(name, chunk=4)
+    out = mech(q, k, v, causal=True)
+    assert (out[:, :, :16] == 0).all()
+    torch.testing.assert_close(out[:, :, 16:], mech(q[:, :, 16:], k, v, causal=True))
+
+
+def test_latte_per_head_key_padding():
+    """A key-padding mask that differs per head hides each head's own keys."""
+    q, k, v = torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 3)
+    keep = torch.ones(1, 2, 1, 9, dtype=torch.bool)
+    keep[0, 0, 0, 0] = False  # head 0's first query sees no key when causal
+    keep[0, 0, 0, 2] = False
+    keep[0, 1, 0, 5] = False
+    mech = attnlab.get("latte", chunk=4)
+    for causal in (False, True):
+        want = mech.reference(q, k, v, causal=causal, mask=keep, scale=0.5)
+        got = mech(q, k, v, causal=causal, mask=keep)
+        torch.testing.assert_close(got, want)
+    assert (got[0, 0, 0] == 0).all()

@@ -179,7 +179,8 @@ class Latte(Mechanism):
                 allowed = cm if allowed is None else allowed & cm
             return latte_dense(p, kl, vv, allowed).to(q.dtype)
         if mask is not None:  # key padding: hidden keys get a vanishing weight
-            kl = kl.masked_fill(~mask.any(dim=1, keepdim=True).transpose(-1, -2), _HIDDEN)
+            hidden = ~mask.transpose(-1, -2)  # [B|1, H|1, Nk, 1]
+            kl, vv = kl.masked_fill(hidden, _HIDDEN), vv.masked_fill(hidden, 0.0)
         if not causal:
             weights = torch.softmax(kl, dim=2)  # [B, H, Nk, L]
             return (p @ (weights.transpose(-1, -2) @ vv)).to(q.dtype)
