@@ -12,8 +12,15 @@ END = "<!-- mechanisms:end -->"
 
 
 def _modes(spec) -> str:
-    parts = [label for label, on in (("causal", spec.causal), ("non-causal", spec.noncausal),
-                                     ("cross", spec.cross)) if on]
+    parts = [
+        label
+        for label, on in (
+            ("causal", spec.causal),
+            ("non-causal", spec.noncausal),
+            ("cross", spec.cross),
+        )
+        if on
+    ]
     return ", ".join(parts)
 
 
@@ -55,7 +62,7 @@ def update_readme(path: Path) -> bool:
     start, end = text.find(START), text.find(END)
     if start < 0 or end < 0:
         raise ValueError(f"{path}: no mechanism table markers ({START!r} ... {END!r})")
-    new = text[:start] + markdown() + text[end + len(END):]
+    new = text[:start] + markdown() + text[end + len(END) :]
     if new != text:
         path.write_text(new)
     return new != text
