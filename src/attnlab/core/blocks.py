@@ -11,15 +11,17 @@ arXiv:2412.05496): it returns True where query ``q_idx`` may attend key
 that the same function serves both paths.
 
 - :func:`torch_block_attention`: plain PyTorch, trainable. Each query block
-  gathers its key and value blocks and runs a batched matmul and a masked
-  softmax over them; autograd gives the backward. It never builds an N x N
-  tensor: scores exist only for the gathered blocks.
+  gathers its key and value blocks and attends them with the fused
+  ``scaled_dot_product_attention`` (batched matmul, online softmax, a
+  backward on every device), the token mask as an additive bias. It never
+  builds an N x N tensor: scores exist only for the gathered blocks.
 - :func:`flex_block_attention`: ``torch.nn.attention.flex_attention`` compiled
   by ``torch.compile`` with a ``BlockMask`` built from the same layout (cached
   on the layout). Inference only on CPU, where FlexAttention has no backward.
-- :func:`block_sparse_attention` picks the path (``"auto"``): the trainable
-  one when gradients flow or the dtype has no flex kernel, flex when the
-  shape is large enough for its compiled kernel to pay.
+- :func:`block_sparse_attention` picks the path (``"auto"``, see
+  :func:`choose_path`): the trainable one when gradients flow, the dtype has
+  no flex kernel, the shape is small, or on CPU where it is the faster one;
+  flex on GPUs for large shapes.
 
 :class:`StaticBlockSparse` turns a fixed mask (window, neighborhood, fixed
 block patterns, ...) into a registered mechanism with both paths, a layout
@@ -28,6 +30,7 @@ cache, ``density`` and KV-cache decoding.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,9 +46,15 @@ MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tor
 PATHS = ("auto", "torch", "flex")
 # dtypes that FlexAttention's CPU kernel computes in
 FLEX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# "auto" uses flex from this many (query, key) pairs of full attention upwards;
-# below it the compiled kernel's fixed costs exceed what it saves
+# "auto" uses flex on these devices, from this many (query, key) pairs of full
+# attention upwards; below it the compiled kernel's fixed costs exceed what it saves
+FLEX_FAST_DEVICES = ("cuda",)
 FLEX_MIN_PAIRS = 1024 * 1024
+# below this many padded (query, key) pairs the flex path runs FlexAttention
+# uncompiled: compiling one kernel costs far longer than such a call
+FLEX_COMPILE_MIN_PAIRS = 64 * 64
+# score elements from which a chunk goes to the fused SDPA kernel
+_FUSED_MIN_ELEMENTS = 1 << 16
 # elements of one gathered score chunk in the trainable path
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -136,6 +145,30 @@ class BlockLayout:
         step = max(1, _CHUNK_ELEMENTS // max(per_block, 1))
         return [(c0, min(c0 + step, self.q_blocks)) for c0 in range(0, self.q_blocks, step)]
 
+    def runs(self, batch_heads: int) -> list[tuple[int, int, int, bool]]:
+        """(c0, c1, slots, plain): chunks of query blocks that visit at most ``slots`` key blocks.
+
+        Valid slots come first in every row, so a chunk only gathers the slots
+        that some query block of it uses: border blocks that see more keys do
+        not make every other block pay for padding. ``plain``: every pair of
+        the chunk's slots is allowed, so no mask is needed.
+        """
+
+        def make():
+            count = self.kv_valid.sum(dim=-1).amax(dim=(0, 1)).clamp(min=1).tolist()
+            out = []
+            for c0, c1 in self._chunks(batch_heads):
+                start = c0
+                for c in range(c0 + 1, c1 + 1):
+                    if c == c1 or count[c] != count[start]:
+                        used = int(max(count[start:c]))
+                        plain = bool(self.kv_full[:, :, start:c, :used].all())
+                        out.append((start, c, used, plain))
+                        start = c
+            return out
+
+        return self._cached(f"runs-{batch_heads}", make)
+
     def positions(self, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Query positions [c, bq, 1] and gathered key positions [Bl, Hl, c, 1, S*bk]."""
         device = self.kv_indices.device
@@ -183,10 +216,6 @@ class BlockLayout:
     def seen(self) -> torch.Tensor:
         """Bool [Bl, Hl, Nq/block, bq, 1]: queries that have a key to attend (cached)."""
         return self._cached("seen", lambda: self.allowed().any(dim=-1, keepdim=True))
-
-    def all_full(self) -> bool:
-        """Every visited block is fully visible: no token mask is needed at all."""
-        return self._cached("all_full", lambda: bool((self.kv_full == self.kv_valid).all()))
 
     def pairs(self) -> float:
         """Allowed (query, key) pairs, averaged over the layout's batch and heads."""
@@ -255,34 +284,50 @@ def torch_block_attention(
     vb = _pad_to(v, nkb * bs).unflatten(2, (nkb, bs))
     bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
     hi = (torch.arange(hq, device=q.device) // (hq // hkv)).view(1, hq, 1, 1)
-    plain = mask is None and layout.all_full()
     outs = []
-    for c0, c1 in layout._chunks(b * hq):
-        idx = layout.kv_indices[:, :, c0:c1]
-        kg = kb[bi, hi, idx].flatten(3, 4)  # [B, H, c, S*bs, D]
+    for c0, c1, used, plain in layout.runs(b * hq):
+        plain = plain and mask is None
+        idx = layout.kv_indices[:, :, c0:c1, :used]
+        kg = kb[bi, hi, idx].flatten(3, 4)  # [B, H, c, used*bs, D]
         vg = vb[bi, hi, idx].flatten(3, 4)
+        keys = slice(0, used * bs)
         bias, seen = None, None
         if not plain:
             if mask is None:
-                bias, seen = layout.bias(q.dtype)[:, :, c0:c1], layout.seen()[:, :, c0:c1]
+                bias = layout.bias(q.dtype)[:, :, c0:c1, :, keys]
+                seen = layout.seen()[:, :, c0:c1]
             else:
                 qpos, kpos = layout.positions(c0, c1)
-                allowed = layout.allowed()[:, :, c0:c1] & _user_mask_at(mask, qpos, kpos, nq, nk)
-                bias, seen = _bias(allowed, q.dtype)
+                user = _user_mask_at(mask, qpos, kpos[..., keys], nq, nk)
+                bias, seen = _bias(layout.allowed()[:, :, c0:c1, :, keys] & user, q.dtype)
             bias = bias.expand(b, hq, -1, -1, -1).flatten(0, 1)
-        # the fused kernel computes q kᵀ, the online softmax and the weighted
-        # sum per query block; (B, H) x (query block) act as its batch x heads
-        o = torch.nn.functional.scaled_dot_product_attention(
-            qb[:, :, c0:c1].flatten(0, 1),
-            kg.flatten(0, 1),
-            vg.flatten(0, 1),
-            attn_mask=bias,
-            scale=scale,
-        ).unflatten(0, (b, hq))
+        o = _attend(qb[:, :, c0:c1].flatten(0, 1), kg.flatten(0, 1), vg.flatten(0, 1), bias, scale)
+        o = o.unflatten(0, (b, hq))
         if seen is not None:
             o = o * seen.to(o.dtype)
         outs.append(o)
     return torch.cat(outs, dim=2).reshape(b, hq, nqb * bs, dv)[:, :, :nq]
+
+
+def _attend(q, k, v, bias, scale):
+    """Softmax attention of query blocks over their gathered keys, [X, c, bq, *] each.
+
+    Large chunks go to the fused ``scaled_dot_product_attention`` (matmul and
+    online softmax in one kernel; (B, H) x query block act as its batch x
+    heads). Small ones use explicit matmuls and a max-shifted exponential:
+    the fused kernel's parallel region costs more than the work there.
+    ``bias`` never leaves a row all -inf (see :func:`_bias`).
+    """
+    if q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] >= _FUSED_MIN_ELEMENTS:
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, scale=scale
+        )
+    acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    s = (q @ k.transpose(-1, -2)).to(acc) * scale
+    if bias is not None:
+        s = s + bias
+    p = torch.exp(s - s.amax(dim=-1, keepdim=True))
+    return ((p.to(v.dtype) @ v).to(acc) / p.sum(dim=-1, keepdim=True)).to(q.dtype)
 
 
 def _bias(allowed: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,10 +368,19 @@ def flex_block_mask(layout: BlockLayout, mask: torch.Tensor | None = None):
         return layout._cache["flex"]
     nq, nk, bs = layout.nq, layout.nk, layout.block
     rule = layout.mask_mod
+    # which key blocks each query block visits, so that the mask_mod alone
+    # (as the uncompiled FlexAttention evaluates it) describes the layout
+    bl, hl, nqb, _ = layout.kv_indices.shape
+    nkb = layout.k_blocks
+    # padding slots go to an extra column that is dropped
+    cols = torch.where(layout.kv_valid, layout.kv_indices, nkb)
+    member = torch.zeros(bl, hl, nqb, nkb + 1, dtype=torch.bool, device=cols.device)
+    member = member.scatter_(-1, cols, True)[..., :nkb]
 
     def mask_mod(b, h, q_idx, kv_idx):
         qc, kc = q_idx.clamp(max=nq - 1), kv_idx.clamp(max=nk - 1)
         ok = (q_idx < nq) & (kv_idx < nk)
+        ok = ok & member[b if bl > 1 else 0, h if hl > 1 else 0, qc // bs, kc // bs]
         if rule is not None:
             ok = ok & rule(b, h, qc, kc)
         if mask is not None:
@@ -382,9 +436,17 @@ def flex_block_attention(
     block_mask = flex_block_mask(layout, mask)
     qp = _pad_to(q, layout.q_blocks * bs)
     kp, vp = _pad_to(k, layout.k_blocks * bs), _pad_to(v, layout.k_blocks * bs)
-    out = _compiled_flex()(
-        qp, kp, vp, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
+    gqa = q.shape[1] != k.shape[1]
+    if qp.shape[2] * kp.shape[2] >= FLEX_COMPILE_MIN_PAIRS:
+        out = _compiled_flex()(qp, kp, vp, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    else:
+        # a few dozen tokens: FlexAttention's uncompiled (dense) evaluation of the
+        # same BlockMask takes milliseconds where compiling takes many seconds
+        from torch.nn.attention.flex_attention import flex_attention
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = flex_attention(qp, kp, vp, block_mask=block_mask, scale=scale, enable_gqa=gqa)
     return out[:, :, :nq]
 
 
@@ -404,11 +466,22 @@ def flex_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[
 
 
 def choose_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
-    """``"torch"`` when gradients flow, the dtype has no flex kernel or the shape is small."""
+    """The path ``"auto"`` takes: flex only where its compiled kernel is the faster one.
+
+    ``"torch"`` when gradients flow, when the dtype has no flex kernel, for
+    small shapes, and on CPU, where the fused SDPA kernel over gathered blocks
+    beats FlexAttention's CPU kernel (which reaches about half of SDPA's
+    throughput even on dense causal attention; see the sparse note).
+    """
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if grad or q.dtype not in FLEX_DTYPES:
         return "torch"
-    return "flex" if q.shape[2] * k.shape[2] >= FLEX_MIN_PAIRS else "torch"
+    return "flex" if prefers_flex(q.device.type, q.shape[2] * k.shape[2]) else "torch"
+
+
+def prefers_flex(device_type: str, pairs: int) -> bool:
+    """Whether compiled FlexAttention is the faster inference path on this device and size."""
+    return device_type in FLEX_FAST_DEVICES and pairs >= FLEX_MIN_PAIRS
 
 
 def block_sparse_attention(

@@ -1,0 +1,87 @@
+"""Radial attention: a static mask whose spatial window shrinks with temporal distance."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from attnlab.core import Spec, register
+from attnlab.core.blocks import StaticBlockSparse, ranges_to_candidates
+from attnlab.core.checks import check_positive_int
+
+from .window import check_form
+
+
+@register
+class Radial(StaticBlockSparse):
+    """Radial attention: dense near the query's frame, exponentially sparser further away.
+
+    "Radial Attention: O(n log n) Sparse Attention with Energy Decay for Long
+    Video Generation" (Li et al., arXiv:2506.19852). Tokens form frames of
+    ``frame`` tokens (s); query token k of frame i and key token l of frame j,
+    at temporal distance d = |i - j|, lie in band r = floor(log2 max(d, 1)).
+    The key is attended when the spatial window of that band still holds a
+    token, (|k - l| + 1)·2^r <= s, or else, once 2^r > s, when k = l and d is
+    a multiple of ceil(2^r / s). Each band doubles its temporal width and
+    halves its spatial width, so every query attends O(s log(N/s)) keys.
+    Queries are aligned bottom-right; causal=True keeps only keys j <= p.
+    """
+
+    spec = Spec(
+        name="radial",
+        family="sparse",
+        title="Radial attention (static energy-decay mask)",
+        paper="arXiv:2506.19852",
+        exact=False,
+        cross=True,
+        decode=True,
+        complexity="O(N·log N·D)",
+    )
+    tiny_config: ClassVar[dict] = {"frame": 4, "block": 4}
+
+    @dataclass
+    class Config:
+        frame: int = 1024
+        block: int = 128
+        form: str = "auto"
+
+        def __post_init__(self):
+            check_positive_int("frame", self.frame)
+            check_positive_int("block", self.block)
+            check_form(self.form)
+
+    def rule(self, nq, nk, causal, heads):
+        s, offset = self.config.frame, nk - nq
+        frames = -(-max(nq, nk) // s) + 1
+        bits = max(1, frames.bit_length())
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            p = q_idx + offset
+            d = (p // s - kv_idx // s).abs()
+            k, l = p % s, kv_idx % s
+            # 2^r: the largest power of two <= max(d, 1), exactly, without logarithms
+            power = torch.ones_like(d)
+            for e in range(1, bits + 1):
+                power = torch.where(d >= 2**e, 2**e, power)
+            spatial = ((k - l).abs() + 1) * power <= s
+            period = (power + s - 1) // s
+            diagonal = (power > s) & (k == l) & (d % period == 0)
+            ok = spatial | diagonal
+            return ok & (kv_idx <= p) if causal else ok
+
+        return mask_mod
+
+    def candidates(self, nq, nk, causal, heads):
+        """Every key block (up to the query block's last position when causal)."""
+        bs = self.config.block
+        nqb, nkb = -(-nq // bs), -(-nk // bs)
+        last = torch.clamp(torch.arange(1, nqb + 1) * bs - 1, max=nq - 1) + (nk - nq)
+        hi = last // bs + 1 if causal else torch.full((nqb,), nkb)
+        hi = hi.clamp(min=0, max=nkb)
+        return ranges_to_candidates(torch.zeros_like(hi), hi)[None, None]
+
+    def limit(self, n):
+        return dataclasses.replace(self.config, frame=n)
