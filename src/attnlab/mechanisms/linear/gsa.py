@@ -65,9 +65,7 @@ def gsa_chunked(q, k, v, log_alpha, scale: float, chunk: int):
     dv = v.shape[-1]
     pad = (-n) % chunk
     if pad:  # padded tokens: gate 1 (log 0), so they neither forget nor write
-        q, k, v, log_alpha = (
-            torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v, log_alpha)
-        )
+        q, k, v, log_alpha = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v, log_alpha))
     nc = (n + pad) // chunk
     qc, kc, vc, la = (t.reshape(b, h, nc, chunk, t.shape[-1]) for t in (q, k, v, log_alpha))
     cum = la.cumsum(dim=3)

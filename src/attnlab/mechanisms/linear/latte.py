@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from attnlab.core import Mechanism, Spec, register
 from attnlab.core.checks import check_positive_int
@@ -47,9 +48,9 @@ def latte_chunked(p, kl, v, chunk: int):
     dv = v.shape[-1]
     pad = (-n) % chunk
     if pad:
-        p = torch.nn.functional.pad(p, (0, 0, 0, pad))
-        kl = torch.nn.functional.pad(kl, (0, 0, 0, pad), value=_HIDDEN)
-        v = torch.nn.functional.pad(v, (0, 0, 0, pad))
+        p = F.pad(p, (0, 0, 0, pad))
+        kl = F.pad(kl, (0, 0, 0, pad), value=_HIDDEN)
+        v = F.pad(v, (0, 0, 0, pad))
     nc = (n + pad) // chunk
     run = torch.cummax(kl, dim=2).values.reshape(b, h, nc, chunk, lat)
     top = run[:, :, :, -1]  # r: [B, H, nc, L]
@@ -125,14 +126,18 @@ class Latte(Mechanism):
     The latent logits are the coordinates of the head's q and k, so L equals
     the head dimension D: the paper's per-head projections X W_q, X W_k to L
     latents are what the caller's q and k projections are (project to L dims
-    to choose L). Causal Latte normalises each latent cumulatively; the
-    running maximum of the paper's scan keeps every exponent <= 0, so float32
-    and bfloat16 inputs (accumulated in float32) stay finite at any length.
+    to choose L). The paper's logits carry no temperature; here both are
+    multiplied by ``scale`` (pass ``scale=1.0`` for the paper's form). Causal
+    Latte normalises each latent cumulatively; the running maximum of the
+    paper's scan keeps every exponent <= 0, so float32 and bfloat16 inputs
+    (accumulated in float32) stay finite at any length.
 
-    Forms: ``chunked`` (a state per latent carried across chunks, exact
-    intra-chunk weights), ``recurrent`` (the paper's scan, token by token)
-    and ``parallel`` (the dense O(N²·L) definition). A key-padding mask
-    keeps linear cost; any other mask is computed with the dense form.
+    Forms: ``chunked`` (per-latent sums carried across chunks, each chunk
+    scaled by its running maximum, intra-chunk weights as two matrix
+    products; see :func:`latte_chunked`), ``recurrent`` (the paper's scan,
+    token by token) and ``parallel`` (the dense O(N²·L) definition). A
+    key-padding mask keeps linear cost; any other mask is computed with the
+    dense form. Decoding keeps L·Dv + 2L floats per kv head.
     """
 
     spec = Spec(
