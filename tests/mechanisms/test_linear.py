@@ -9,7 +9,13 @@ import torch
 import attnlab
 from attnlab.bench import quality, scaling
 from attnlab.core.reference import reference_attention
-from attnlab.core.scan import CHUNK_TABLE, causal_scan, choose_chunk, linear_attention
+from attnlab.core.scan import (
+    CHUNK_TABLE,
+    CHUNK_TABLE_DECAY,
+    causal_scan,
+    choose_chunk,
+    linear_attention,
+)
 
 # --- the shared kernels ---------------------------------------------------------------------
 
@@ -94,6 +100,7 @@ def test_choose_chunk():
     """The chooser follows the measured table, is never above N and covers every F."""
     for max_f, chunk in CHUNK_TABLE:
         assert choose_chunk(1 << 16, min(max_f, 4096)) == chunk
+    assert choose_chunk(1 << 16, 64, decay=True) == CHUNK_TABLE_DECAY[-1][1]
     assert choose_chunk(10, 64) == 10
     assert choose_chunk(1, 10**6) == 1
     assert all(c > 0 for _, c in CHUNK_TABLE)

@@ -37,25 +37,28 @@ import math
 import torch
 
 # Chunk size by feature dimension F, measured on the CPU of the development
-# machine (2 shared cores, torch 2.13, float32, causal, B1 H8 Dv64, N=16384;
-# `attnlab bench chunks` reruns the measurement): best C among 32..512, ms
-#   F=16:  C32 1937, C64 2681, C128 1471, C256 2244, C512 3981
-#   F=64:  C32 2005, C64 1761, C128 1663, C256 3463, C512 5185
-#   F=128: C32 1653, C64 1217, C128 1542, C256 1464, C512 4441
-#   F=273: C32 5888, C64 3215, C128 3079, C256 3432, C512 2590
-# (load average 7 on 2 cores: differences under ~20% are noise, so 128 is
-# kept wherever it is within that of the best).
+# machine (2 shared cores, torch 2.13, float32, causal, B1 H8 Dv64, N=16384,
+# process CPU ms, load average 8-12 from other jobs, so differences under ~15%
+# are noise; `attnlab bench chunks` reruns the kernel part of it):
+#   linear (F=64, no decay):     C32 423, C64 399, C128 433, C256 513
+#   lightning (F=64, decay):     C32 872, C64 488, C128 363, C256 610
+#   scan alone, N=16384 (wall):  F=16: C128 best; F=128: C64; F=273: C128-C512 within 20%
+# With a decay the [nb, nb] chunk-decay matrix favours fewer, larger chunks.
 CHUNK_TABLE: tuple[tuple[int, int], ...] = ((96, 64), (192, 64), (10**9, 128))
+CHUNK_TABLE_DECAY: tuple[tuple[int, int], ...] = ((10**9, 128),)
 
 # Elements allowed in one block's largest intermediate (scores or per-chunk
 # states); bounds memory at any N while keeping the batched matmuls large.
-_BLOCK_ELEMENTS = 1 << 23
+_BLOCK_ELEMENTS = 1 << 25
+# Chunks per block with a decay: the [nb, nb] matrix of chunk decays costs nb·F·Dv per
+# chunk, so nb is capped to stay linear in N.
+_DECAY_BLOCK = 128
 
 
-def choose_chunk(n: int, feature_dim: int) -> int:
-    """Chunk size for the chunked form: the measured best for ``feature_dim`` (see CHUNK_TABLE),
-    never more than ``n`` tokens."""
-    for max_features, chunk in CHUNK_TABLE:
+def choose_chunk(n: int, feature_dim: int, *, decay: bool = False) -> int:
+    """Chunk size for the chunked form: the measured best for ``feature_dim`` (see CHUNK_TABLE;
+    CHUNK_TABLE_DECAY with a decay), never more than ``n`` tokens."""
+    for max_features, chunk in CHUNK_TABLE_DECAY if decay else CHUNK_TABLE:
         if feature_dim <= max_features:
             return max(1, min(chunk, n))
     raise AssertionError("CHUNK_TABLE ends with an unbounded row")
@@ -221,10 +224,13 @@ def _chunked(fq5, fk5, v5, log_decay, s5, chunk):
     per_chunk = b * h * max(g * c * c, f * dv1, g * c * dv1)
     block = max(1, min(nc, _BLOCK_ELEMENTS // max(per_chunk, 1)))
     if constant:
+        block = min(block, _DECAY_BLOCK)
         return _chunked_constant(fq6, fk6, v6, log_decay[..., None, None], s5, block)
     if log_decay is None and g == 1:
         return _chunked_plain(fq6, fk6, v6, s5, block, pad)
     ld = None if log_decay is None else log_decay.reshape(*log_decay.shape[:3], nc, c)
+    if ld is not None:
+        block = min(block, _DECAY_BLOCK)
     tril = torch.ones(c, c, dtype=torch.bool, device=fq5.device).tril()
     outs = []
     for c0 in range(0, nc, block):
@@ -250,9 +256,9 @@ def _chunked(fq5, fk5, v5, log_decay, s5, chunk):
             nb = total.shape[-1]
             lower = torch.ones(nb, nb, dtype=torch.bool, device=fq5.device).tril(-1)
             w = torch.exp(after.masked_fill(~lower, float("-inf")))  # chunk c' -> entering c
-            s_in = (w @ kv.flatten(-2)).reshape(kv.shape) + torch.exp(before)[
-                ..., None, None
-            ] * s5[:, :, :, None]
+            s_in = (w @ kv.flatten(-2)).reshape(kv.shape) + torch.exp(before)[..., None, None] * s5[
+                :, :, :, None
+            ]
             out = scores @ vv + (q * torch.exp(lc)[..., None]) @ s_in
             end = before[..., -1] + total[..., -1]  # all decay of the block
             w_end = torch.exp(end[..., None] - before - total)  # chunk c' -> end of block
@@ -376,7 +382,8 @@ def causal_scan(
     if form == "recurrent":
         out5, s5 = _recurrent(fq5, fk5, v5, ld, s5)
     else:
-        out5, s5 = _chunked(fq5, fk5, v5, ld, s5, chunk or choose_chunk(fq.shape[-2], fq.shape[-1]))
+        chunk = chunk or choose_chunk(fq.shape[-2], fq.shape[-1], decay=ld is not None)
+        out5, s5 = _chunked(fq5, fk5, v5, ld, s5, chunk)
     return _finish(out5, normalize, hq), _state_out(s5, normalize)
 
 

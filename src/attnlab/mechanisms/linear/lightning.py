@@ -93,7 +93,7 @@ class Lightning(Mechanism):
     def _norm(self, out):
         if not self.config.norm:
             return out
-        return out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.config.eps)
+        return F.rms_norm(out, (out.shape[-1],), eps=self.config.eps)
 
     def _attend(self, q, k, v, form):
         fq, fk, log_decay = self._inputs(q, k, q.shape[2])
