@@ -42,6 +42,23 @@ def _gsa_update(slot_k, slot_v, kt, vt, log_at, qt, scale):
     return slot_k, slot_v, torch.einsum("...gm,...md->...gd", probs, slot_v)
 
 
+def gsa_parallel(q, k, v, log_alpha, scale: float):
+    """Causal GSA in one quadratic pass: the two GLA passes with the dense decay tensor.
+
+    D_tjm = exp(b_t − b_j)(1 − α_j) for j <= t (b the cumulative log-gate), so
+    h_t = Σ_j D_tj ⊙ (q_t·k_j), p_t = softmax(scale · h_t), o_t = Σ_j (Σ_m p_tm D_tjm) v_j.
+    O(N²·m) memory: a reference for short sequences.
+    """
+    n = k.shape[2]
+    cum = log_alpha.cumsum(dim=2)
+    tri = torch.ones(n, n, dtype=torch.bool, device=k.device).tril()
+    expo = (cum.unsqueeze(3) - cum.unsqueeze(2)).masked_fill(~tri[:, :, None], float("-inf"))
+    decay = torch.exp(expo) * (1 - log_alpha.exp()).unsqueeze(2)  # [B, H, t, j, m]
+    scores = torch.einsum("bhtjm,bhtj->bhtm", decay, q @ k.transpose(-1, -2))
+    probs = torch.softmax(scale * scores, dim=-1)
+    return torch.einsum("bhtjm,bhtm->bhtj", decay, probs) @ v
+
+
 # The fast chunked path factors the decay exp(b_t − b_j) = exp(b_t)·exp(−b_j) with b the
 # cumulative log-gate inside a chunk; it is used while no chunk forgets more than this.
 _SPAN = 60.0
@@ -115,8 +132,9 @@ class GatedSlot(Mechanism):
     the gates are taken from the key, α_t = σ(k_t W_α)^{1/τ}, with W_α a small
     [D, m] projection drawn from ``Config.seed`` (N(0, 1/D)) and fixed after
     construction. GSA is causal (the paper defines no bidirectional form).
-    Forms: ``chunked`` (the paper's two-pass gated-linear-attention form) and
-    ``recurrent`` (token by token).
+    Forms: ``chunked`` (the paper's two-pass gated-linear-attention form),
+    ``recurrent`` (token by token) and ``parallel`` (both passes with the
+    dense O(N²·m) decay tensor).
     """
 
     spec = Spec(
@@ -133,7 +151,7 @@ class GatedSlot(Mechanism):
         mask=False,
         complexity="O(N·C·m + N·m·(D+Dv)), state m·(D+Dv)",
     )
-    forms: ClassVar[tuple[str, ...]] = ("chunked", "recurrent")
+    forms: ClassVar[tuple[str, ...]] = ("chunked", "recurrent", "parallel")
     tiny_config: ClassVar[dict] = {"chunk": 5, "slots": 4}
 
     @dataclass
@@ -175,6 +193,8 @@ class GatedSlot(Mechanism):
             out = align_causal(
                 lambda qf: gsa_recurrent(qf, kk, vv, la, scale), q.to(dt), k.shape[2]
             )
+        elif self.config.form == "parallel":
+            out = align_causal(lambda qf: gsa_parallel(qf, kk, vv, la, scale), q.to(dt), k.shape[2])
         else:
             c = chunk_size(self.config.chunk, k.shape[2])
             out = align_causal(
