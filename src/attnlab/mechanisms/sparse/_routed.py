@@ -3,9 +3,9 @@
 - :func:`pool_blocks`: mean-pooled block summaries of keys, queries or values.
 - :func:`token_block_attention`: softmax attention where every query picks its
   own key blocks (MoBA's and NSA's per-token gating). The (query, block)
-  choices are grouped by key block, so each group is one dense matmul; the
-  partial softmaxes of a query's blocks are merged by log-sum-exp. Plain
-  PyTorch and trainable; no N x N tensor is built.
+  choices are sorted by key block into tiles that share one block, all run
+  as one batch; the partial softmaxes of a query's blocks are merged by
+  log-sum-exp. Plain PyTorch and trainable; no N x N tensor is built.
 - :func:`masked_tiled_attention`: the shared tiled online-softmax kernel with
   a token rule computed tile by tile (routing clusters, DHSA chunk masks):
   exact about what it keeps, O(tile) memory, but it visits every tile.
@@ -83,13 +83,14 @@ def token_block_attention(
     the user's mask apply. Rows that see nothing give zeros. Returns the
     output [B, H, Nq, Dv] in the accumulation dtype.
 
-    The (query, block) choices are grouped by (head, key block): each group
-    is one dense [queries, D] x [D, block] matmul on the block itself (no
-    copy of keys), with the token mask only in groups whose block is not
-    wholly visible to its queries. Each query's partial softmaxes are then
-    merged by log-sum-exp. With ``fused`` and no gradients on CPU, each group
-    runs in torch's fused flash kernel (``_scaled_dot_product_flash_attention_for_cpu``,
-    which also returns the log-sum-exp); otherwise in plain, trainable ops.
+    The (query, block) choices are sorted by (head, key block, needs a token
+    mask) and cut into tiles of ``block`` queries that share one key block;
+    all tiles run as one batch (a tile is a [block, D] x [D, block] product),
+    the token mask only on tiles whose block is not wholly visible to their
+    queries. Each query's partial softmaxes are merged by log-sum-exp. With
+    ``fused`` and no gradients on CPU the batch runs in torch's fused flash
+    kernel (``_scaled_dot_product_flash_attention_for_cpu``, which also
+    returns the log-sum-exp); otherwise in plain, trainable ops.
     """
     b, h, nq, d = q.shape
     nk, dv = k.shape[2], v.shape[-1]
@@ -99,14 +100,18 @@ def token_block_attention(
     nkb = -(-nk // block)
     offset = nk - nq
     dev = q.device
+    tile = block
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    fused = fused and not grad and q.dtype in FUSED_DTYPES and dev.type == "cpu" and dv == d
     # membership [B*H, nkb, 2, Nq]: query qi chose block j, needing the token mask or not;
     # its nonzero entries come out sorted by (head, block, needs-mask, query)
     valid = sel >= 0
     blk = sel.clamp_min(0)
     qi = torch.arange(nq, device=dev).view(1, 1, nq, 1)
-    # the token rule is needed only where a block is not wholly visible to the query
-    # (under the causal rule a query's own block is masked whole, so that in
-    # self-attention its group is the block's own queries: one causal square)
+    if causal:  # a block wholly in the future adds nothing
+        valid = valid & (blk * block <= qi + offset)
+    # under the causal rule a query's own block is masked whole, so that in
+    # self-attention its tile is the block's own queries: one causal square
     needs = torch.zeros_like(valid)
     if causal:
         needs = (blk + 1) * block > qi + offset
@@ -115,95 +120,109 @@ def token_block_attention(
     member = torch.zeros(b * h, nkb + 1, 2, nq, dtype=torch.bool, device=dev)
     bh = torch.arange(b * h, device=dev).view(b, h, 1, 1)
     member[bh, torch.where(valid, blk, nkb), needs.long(), qi] = True
-    member = member[:, :nkb]
-    counts = member.sum(dim=-1).flatten().tolist()  # per group (head, block, needs)
-    rows_sorted = torch.nonzero(member.flatten(0, 2), as_tuple=True)
-    g_rows = rows_sorted[1] + (rows_sorted[0] // (nkb * 2)) * nq  # rows of [B*H*Nq]
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    fused = fused and not grad and q.dtype in FUSED_DTYPES and dev.type == "cpu" and dv == d
-    q_flat = (q if fused else q * scale).reshape(b * h * nq, d)
-    kb = pad_seq(k, nkb * block).unflatten(2, (nkb, block))
-    vb = pad_seq(v, nkb * block).unflatten(2, (nkb, block))
+    member = member[:, :nkb].reshape(b * h * nkb * 2, nq)
+    counts = member.sum(dim=-1)  # per group (head, block, needs)
+    group, g_q = torch.nonzero(member, as_tuple=True)
+    tiles_per = (counts + tile - 1) // tile
+    tile_start = torch.cumsum(tiles_per, 0) - tiles_per
+    group_start = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(group.numel(), device=dev) - group_start[group]
+    tile_id = tile_start[group] + rank // tile
+    n_tiles = int(tiles_per.sum())
+    out = torch.zeros(b * h * nq + 1, dv, dtype=acc, device=dev)
+    if n_tiles == 0:
+        return out[:-1].view(b, h, nq, dv)
+    tile_group = torch.repeat_interleave(torch.arange(counts.numel(), device=dev), tiles_per)
+    tile_masked = (tile_group % 2).bool()
+    tile_bh, tile_blk = (tile_group // 2) // nkb, (tile_group // 2) % nkb
+    dummy = b * h * nq  # the row that empty slots read (zeros) and write
+    slot_q = torch.full((n_tiles, tile), -1, dtype=torch.long, device=dev)
+    slot_q[tile_id, rank % tile] = g_q
+    q_rows = torch.where(slot_q >= 0, tile_bh[:, None] * nq + slot_q, dummy)
+    kb = pad_seq(k, nkb * block).reshape(b * hkv * nkb, block, d)
+    vb = pad_seq(v, nkb * block).reshape(b * hkv * nkb, block, dv)
+    q_flat = torch.cat([(q if fused else q * scale).reshape(b * h * nq, d), q.new_zeros(1, d)])
+    # every masked tile is a block's own queries in order: one aligned causal square
+    square = causal and mask is None and nq == nk
     ar = torch.arange(block, device=dev)
     lses, os_, rows_all = [], [], []
-    for g, rows in enumerate(torch.split(g_rows, counts)):
-        if rows.numel() == 0:
+    for masked in (False, True):
+        ids = torch.nonzero(tile_masked == masked, as_tuple=True)[0]
+        if ids.numel() == 0:
             continue
-        head, rest = divmod(g, nkb * 2)
-        j, masked = divmod(rest, 2)
-        bi, hi = divmod(head, h)
-        length = min(block, nk - j * block)
-        kj = kb[bi, hi // groups, j, :length]
-        vj = vb[bi, hi // groups, j, :length]
+        t_bh, t_blk, t_q, t_rows = tile_bh[ids], tile_blk[ids], slot_q[ids], q_rows[ids]
+        # the aligned square holds when each masked tile is one block's own queries in order
+        causal_square = (
+            masked and square and bool(((t_q == t_blk[:, None] * block + ar) | (t_q < 0)).all())
+        )
+        if causal_square and ids.numel() == b * h * nkb:
+            # every block's own tile, in (head, block) order: the blocks themselves, no gather
+            qt = pad_seq(q if fused else q * scale, nkb * block).reshape(-1, block, d)
+            kt = pad_seq(repeat_kv(k, groups), nkb * block).reshape(-1, block, d)
+            vt = pad_seq(repeat_kv(v, groups), nkb * block).reshape(-1, block, dv)
+        else:
+            kv_row = ((t_bh // h) * hkv + (t_bh % h) // groups) * nkb + t_blk
+            kt, vt = kb.index_select(0, kv_row), vb.index_select(0, kv_row)  # [T, block, D]
+            qt = q_flat.index_select(0, t_rows.flatten()).view(ids.numel(), tile, d)
         allowed = None
-        square = False  # the group is exactly the block's own queries under the causal rule
-        if masked:
-            qpos = (rows - head * nq)[:, None]
-            first = int(qpos[0]) + offset
-            square = (
-                mask is None
-                and rows.numel() == length
-                and first == j * block
-                and int(qpos[-1]) - int(qpos[0]) == length - 1
-            )
-            if not square:
-                kpos = j * block + ar[:length]
-                allowed = torch.ones(rows.numel(), length, dtype=torch.bool, device=dev)
-                if causal:
-                    allowed = allowed & (kpos <= qpos + offset)
-                if mask is not None:
-                    allowed = allowed & user_mask_at(mask, bi, hi, qpos, kpos, nq, nk)
-        qg = q_flat.index_select(0, rows)
+        if not masked and nk % block:
+            allowed = (t_blk[:, None, None] * block + ar < nk).expand(-1, tile, -1)
+        if masked and not square:
+            kpos = t_blk[:, None, None] * block + ar  # [T, 1, block]
+            qpos = t_q[:, :, None]
+            allowed = (kpos < nk) & (kpos <= qpos + offset if causal else True)
+            if mask is not None:
+                bi, hi = (t_bh // h)[:, None, None], (t_bh % h)[:, None, None]
+                allowed = allowed & user_mask_at(mask, bi, hi, qpos, kpos, nq, nk)
+            allowed = allowed.expand(-1, tile, -1)
+        if masked and square and not causal_square:
+            kpos = t_blk[:, None, None] * block + ar
+            allowed = ((kpos < nk) & (kpos <= t_q[:, :, None])).expand(-1, tile, -1)
         if fused:
-            # one fused kernel per group; it returns the log-sum-exp of each row
             bias = None
             if allowed is not None:
                 bias = torch.zeros(allowed.shape, dtype=q.dtype, device=dev)
-                bias = bias.masked_fill_(~allowed, NEG_INF)[None, None]
+                bias = bias.masked_fill_(~allowed, NEG_INF)[:, None]
             o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                qg[None, None],
-                kj[None, None],
-                vj[None, None],
+                qt[:, None],
+                kt[:, None],
+                vt[:, None],
                 0.0,
-                square,
+                causal_square,
                 attn_mask=bias,
                 scale=scale,
             )
-            o, lse = o[0, 0].to(acc), lse[0, 0].to(acc)
+            o, lse = o[:, 0].to(acc), lse[:, 0].to(acc)
             if allowed is not None:
                 lse = lse.masked_fill(~allowed.any(dim=-1), NEG_INF)
         else:
-            sc = (qg @ kj.transpose(0, 1)).to(acc)
-            if square:
-                allowed = ar[:length, None] >= ar[None, :length]
+            if causal_square:
+                allowed = (ar[:, None] >= ar[None, :]).expand(ids.numel(), -1, -1)
+            sc = (qt @ kt.transpose(-1, -2)).to(acc)
             if allowed is not None:
                 sc = sc.masked_fill(~allowed, NEG_INF)
             m = sc.amax(dim=-1, keepdim=True)
             p = torch.exp(sc - m.masked_fill(torch.isinf(m), 0.0))
             total = p.sum(dim=-1, keepdim=True)
-            o = (p.to(v.dtype) @ vj).to(acc) / total.clamp_min(torch.finfo(acc).tiny)
+            o = (p.to(v.dtype) @ vt).to(acc) / total.clamp_min(torch.finfo(acc).tiny)
             lse = (m + torch.log(total)).squeeze(-1)  # -inf where nothing is allowed
-        lses.append(lse)
-        os_.append(o)
-        rows_all.append(rows)
-    out = torch.zeros(b * h * nq, dv, dtype=acc, device=dev)
-    if not rows_all:
-        return out.view(b, h, nq, dv)
+        lses.append(lse.flatten())
+        os_.append(o.flatten(0, 1))
+        rows_all.append(t_rows.flatten())
     # merge the (normalised) partial results of each query by their log-sum-exp
     rows, lse = torch.cat(rows_all), torch.cat(lses)
-    top = torch.full((b * h * nq,), NEG_INF, dtype=acc, device=dev)
+    lse = lse.masked_fill(rows == dummy, NEG_INF)
+    top = torch.full((dummy + 1,), NEG_INF, dtype=acc, device=dev)
     top = top.scatter_reduce(0, rows, lse.detach(), reduce="amax")
     top = top.masked_fill(torch.isinf(top), 0.0)
     w = torch.exp(lse - top[rows])  # 0 where a part saw nothing
-    den = torch.zeros(b * h * nq, dtype=acc, device=dev).index_add(0, rows, w)
+    den = torch.zeros(dummy + 1, dtype=acc, device=dev).index_add(0, rows, w)
     if grad:
         out = out.index_add(0, rows, w[:, None] * torch.cat(os_))
-    else:  # in place, group by group: no copy of all partial outputs
-        parts = torch.split(w, [r.numel() for r in rows_all])
-        for rows_g, o_g, w_g in zip(rows_all, os_, parts, strict=True):
-            out.index_add_(0, rows_g, o_g.mul_(w_g[:, None]))
+    else:
+        out.index_add_(0, rows, torch.cat(os_).mul_(w[:, None]))
     out = torch.where(den[:, None] > 0, out / den.clamp_min(torch.finfo(acc).tiny)[:, None], 0.0)
-    return out.view(b, h, nq, dv)
+    return out[:dummy].view(b, h, nq, dv)
 
 
 AllowedFn = Callable[[slice, slice], torch.Tensor]
