@@ -54,14 +54,14 @@ def test_retrieval_heads_are_few_and_the_needle_fails_without_them(smollm2):
 
     model, tok = smollm2
     n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
-    run = needle_trials(model, tok, trials=2, score=True, max_new_tokens=8)
+    run = needle_trials(model, tok, trials=2, score=True)
     assert run.accuracy == 1.0, run.answers
     found = retrieval_heads(run.rows)
     assert 1 <= len(found) < 0.1 * n_layers * n_heads, found
     with mask_heads(model, found):
-        without = needle_trials(model, tok, trials=1, max_new_tokens=8)
+        without = needle_trials(model, tok, trials=1)
     assert without.accuracy == 0.0, (found, without.answers)
     others = random_heads(len(found), n_layers, n_heads, exclude=found, seed=0)
     with mask_heads(model, others):
-        control = needle_trials(model, tok, trials=1, max_new_tokens=8)
+        control = needle_trials(model, tok, trials=1)
     assert control.accuracy == 1.0, (others, control.answers)
