@@ -438,10 +438,11 @@ def bench_scaling(
     console.print(t)
     for r in results:
         exp = "-" if r.exponent is None else f"{r.exponent:.2f}"
+        best = ", ".join("-" if s is None else f"{s:.1f}" for s in r.best_speedup)
         console.print(
             f"{r.mechanism}: crossover N = {r.crossover_n} ({r.crossover_note}); "
             f"fitted exponent of time vs N over {r.exponent_range[:1]}..{r.exponent_range[-1:]}"
-            f": {exp}"
+            f": {exp}; best-repeat × SDPA: {best} (crossover {r.best_crossover_n})"
         )
     _write_json(out, scaling.as_json(results))
 

@@ -1,9 +1,10 @@
 """Scaling of linear-time mechanisms against SDPA: crossover length, exponent, decode cost.
 
 - :func:`run_scaling` times mechanisms and raw ``scaled_dot_product_attention``
-  side by side (interleaved repeat by repeat, median) over a range of N, and
+  side by side (interleaved repeat by repeat; median, and the best repeat, which
+  on a shared machine estimates the uncontended cost) over a range of N, and
   reports where each mechanism overtakes SDPA (CAB's "efficiency length") and
-  the exponent of a least-squares fit of log time against log N.
+  the exponent of a least-squares fit of log time (median) against log N.
 - :func:`run_decode` times one decoding ``step`` at given positions, from a
   state built by decoding that many tokens, to show that a recurrent state
   costs the same per token at any position (a KV cache does not).
@@ -34,8 +35,8 @@ def _timed(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median ms of each call, after one warm-up, the calls interleaved repeat by repeat."""
+def _repeats(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """ms of each call over ``repeats``, after one warm-up, interleaved repeat by repeat."""
     times: dict[str, list[float]] = {name: [] for name in calls}
     with torch.inference_mode():
         for fn in calls.values():
@@ -43,7 +44,12 @@ def _interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> dict[s
         for _ in range(repeats):
             for name, fn in calls.items():
                 times[name].append(_timed(fn))
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def _interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median ms of each call (see :func:`_repeats`)."""
+    return {name: statistics.median(ts) for name, ts in _repeats(calls, repeats).items()}
 
 
 def fit_exponent(ns: list[int], ms: list[float]) -> float | None:
@@ -70,6 +76,10 @@ class ScalingResult:
     crossover_note: str
     exponent: float | None
     exponent_range: list[int] = field(default_factory=list)
+    best_ms: list[float] = field(default_factory=list)
+    sdpa_best_ms: list[float | None] = field(default_factory=list)
+    best_speedup: list[float | None] = field(default_factory=list)
+    best_crossover_n: int | None = None
 
 
 def _crossover(ns, speedup) -> tuple[int | None, str]:
@@ -109,7 +119,9 @@ def run_scaling(
     mods = {m: attnlab.get(m, **configs.get(m, {})).eval() for m in names}
     ns = list(ns)
     ms: dict[str, list[float]] = {m: [] for m in names}
+    best: dict[str, list[float]] = {m: [] for m in names}
     sdpa: list[float | None] = []
+    sdpa_best: list[float | None] = []
     for n in ns:
         if progress:
             progress(f"scaling N={n}")
@@ -123,15 +135,20 @@ def run_scaling(
             calls["sdpa"] = lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
                 q, k, v, is_causal=True
             )
-        got = _interleaved(calls, repeats)
-        sdpa.append(got.get("sdpa"))
+        got = _repeats(calls, repeats)
+        sdpa.append(statistics.median(got["sdpa"]) if "sdpa" in got else None)
+        sdpa_best.append(min(got["sdpa"]) if "sdpa" in got else None)
         for m in names:
-            ms[m].append(got[m])
+            ms[m].append(statistics.median(got[m]))
+            best[m].append(min(got[m]))
     results = []
     lo, hi = fit_range
     for m in names:
         speedup = [None if s is None else s / t for s, t in zip(sdpa, ms[m], strict=True)]
         cross, note = _crossover(ns, speedup)
+        best_speedup = [
+            None if s is None else s / t for s, t in zip(sdpa_best, best[m], strict=True)
+        ]
         fit = [(n, t) for n, t in zip(ns, ms[m], strict=True) if lo <= n <= hi]
         results.append(
             ScalingResult(
@@ -145,6 +162,10 @@ def run_scaling(
                 crossover_note=note,
                 exponent=fit_exponent([n for n, _ in fit], [t for _, t in fit]),
                 exponent_range=[n for n, _ in fit],
+                best_ms=best[m],
+                sdpa_best_ms=sdpa_best,
+                best_speedup=best_speedup,
+                best_crossover_n=_crossover(ns, best_speedup)[0],
             )
         )
     return results
