@@ -88,9 +88,10 @@ def token_block_attention(
     all tiles run as one batch (a tile is a [block, D] x [D, block] product),
     the token mask only on tiles whose block is not wholly visible to their
     queries. Each query's partial softmaxes are merged by log-sum-exp. With
-    ``fused`` and no gradients on CPU the batch runs in torch's fused flash
-    kernel (``_scaled_dot_product_flash_attention_for_cpu``, which also
-    returns the log-sum-exp); otherwise in plain, trainable ops.
+    ``fused`` on CPU in float32/float64 (Dv = D) the batch runs in torch's
+    fused flash kernel (``_scaled_dot_product_flash_attention_for_cpu``, which
+    also returns the log-sum-exp) with its own backward (:class:`_FusedTiles`);
+    otherwise in plain ops that autograd differentiates.
     """
     b, h, nq, d = q.shape
     nk, dv = k.shape[2], v.shape[-1]
@@ -102,7 +103,7 @@ def token_block_attention(
     dev = q.device
     tile = block
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    fused = fused and not grad and q.dtype in FUSED_DTYPES and dev.type == "cpu" and dv == d
+    fused = fused and q.dtype in FUSED_DTYPES and dev.type == "cpu" and dv == d
     # membership [B*H, nkb, 2, Nq]: query qi chose block j, needing the token mask or not;
     # its nonzero entries come out sorted by (head, block, needs-mask, query)
     valid = sel >= 0
@@ -129,9 +130,8 @@ def token_block_attention(
     rank = torch.arange(group.numel(), device=dev) - group_start[group]
     tile_id = tile_start[group] + rank // tile
     n_tiles = int(tiles_per.sum())
-    out = torch.zeros(b * h * nq + 1, dv, dtype=acc, device=dev)
     if n_tiles == 0:
-        return out[:-1].view(b, h, nq, dv)
+        return torch.zeros(b, h, nq, dv, dtype=acc, device=dev)
     tile_group = torch.repeat_interleave(torch.arange(counts.numel(), device=dev), tiles_per)
     tile_masked = (tile_group % 2).bool()
     tile_bh, tile_blk = (tile_group // 2) // nkb, (tile_group // 2) % nkb
@@ -141,29 +141,21 @@ def token_block_attention(
     q_rows = torch.where(slot_q >= 0, tile_bh[:, None] * nq + slot_q, dummy)
     kb = pad_seq(k, nkb * block).reshape(b * hkv * nkb, block, d)
     vb = pad_seq(v, nkb * block).reshape(b * hkv * nkb, block, dv)
-    q_flat = torch.cat([(q if fused else q * scale).reshape(b * h * nq, d), q.new_zeros(1, d)])
     # every masked tile is a block's own queries in order: one aligned causal square
     square = causal and mask is None and nq == nk
     ar = torch.arange(block, device=dev)
-    lses, os_, rows_all = [], [], []
+    parts = []
     for masked in (False, True):
         ids = torch.nonzero(tile_masked == masked, as_tuple=True)[0]
         if ids.numel() == 0:
             continue
         t_bh, t_blk, t_q, t_rows = tile_bh[ids], tile_blk[ids], slot_q[ids], q_rows[ids]
-        # the aligned square holds when each masked tile is one block's own queries in order
         causal_square = (
             masked and square and bool(((t_q == t_blk[:, None] * block + ar) | (t_q < 0)).all())
         )
-        if causal_square and ids.numel() == b * h * nkb:
-            # every block's own tile, in (head, block) order: the blocks themselves, no gather
-            qt = pad_seq(q if fused else q * scale, nkb * block).reshape(-1, block, d)
-            kt = pad_seq(repeat_kv(k, groups), nkb * block).reshape(-1, block, d)
-            vt = pad_seq(repeat_kv(v, groups), nkb * block).reshape(-1, block, dv)
-        else:
-            kv_row = ((t_bh // h) * hkv + (t_bh % h) // groups) * nkb + t_blk
-            kt, vt = kb.index_select(0, kv_row), vb.index_select(0, kv_row)  # [T, block, D]
-            qt = q_flat.index_select(0, t_rows.flatten()).view(ids.numel(), tile, d)
+        # every block's own tile in (head, block) order: the blocks themselves, no gather
+        direct = causal_square and ids.numel() == b * h * nkb and groups == 1 and nq % block == 0
+        kv_row = ((t_bh // h) * hkv + (t_bh % h) // groups) * nkb + t_blk
         allowed = None
         if not masked and nk % block:
             allowed = (t_blk[:, None, None] * block + ar < nk).expand(-1, tile, -1)
@@ -178,51 +170,143 @@ def token_block_attention(
         if masked and square and not causal_square:
             kpos = t_blk[:, None, None] * block + ar
             allowed = ((kpos < nk) & (kpos <= t_q[:, :, None])).expand(-1, tile, -1)
-        if fused:
-            bias = None
+        parts.append(
+            {
+                "rows": t_rows,
+                "kv_row": kv_row,
+                "allowed": allowed,
+                "causal": causal_square,
+                "direct": direct,
+            }
+        )
+    q_flat = torch.cat([q.reshape(b * h * nq, d), q.new_zeros(1, d)])
+    if fused and q.dtype in (torch.float32, torch.float64):
+        for part in parts:
+            allowed = part["allowed"]
+            part["bias"] = None
             if allowed is not None:
                 bias = torch.zeros(allowed.shape, dtype=q.dtype, device=dev)
-                bias = bias.masked_fill_(~allowed, NEG_INF)[:, None]
+                part["bias"] = bias.masked_fill_(~allowed, NEG_INF)[:, None]
+        out = _FusedTiles.apply(q_flat, kb, vb, parts, scale)
+        return out[:dummy].view(b, h, nq, dv)
+    lses, os_, rows_all = [], [], []
+    for part in parts:
+        qt, kt, vt = _part_inputs(q_flat, kb, vb, part)
+        allowed = part["allowed"]
+        if part["causal"]:
+            allowed = (ar[:, None] >= ar[None, :]).expand(qt.shape[0], -1, -1)
+        sc = (qt @ kt.transpose(-1, -2)).to(acc) * scale
+        if allowed is not None:
+            sc = sc.masked_fill(~allowed, NEG_INF)
+        m = sc.amax(dim=-1, keepdim=True)
+        p = torch.exp(sc - m.masked_fill(torch.isinf(m), 0.0))
+        total = p.sum(dim=-1, keepdim=True)
+        o = (p.to(v.dtype) @ vt).to(acc) / total.clamp_min(torch.finfo(acc).tiny)
+        lses.append((m + torch.log(total)).flatten())  # -inf where nothing is allowed
+        os_.append(o.flatten(0, 1))
+        rows_all.append(part["rows"].flatten())
+    out, _ = _merge(torch.cat(rows_all), torch.cat(lses), os_, dummy + 1, dv, acc, grad)
+    return out[:dummy].view(b, h, nq, dv)
+
+
+def _part_inputs(q_flat, kb, vb, part):
+    """The query, key and value tiles of one partition: [T, tile, D], [T, block, D] x 2."""
+    rows = part["rows"]
+    if part["direct"]:
+        return q_flat[:-1].view(-1, kb.shape[1], kb.shape[2]), kb, vb
+    qt = q_flat.index_select(0, rows.flatten()).view(*rows.shape, q_flat.shape[-1])
+    return qt, kb.index_select(0, part["kv_row"]), vb.index_select(0, part["kv_row"])
+
+
+def _merge(rows, lse, os_, n_rows, dv, acc, grad):
+    """Merge normalised partial outputs by log-sum-exp: the output [R, Dv] and its LSE [R]."""
+    dev = rows.device
+    lse = lse.masked_fill(rows == n_rows - 1, NEG_INF)  # the dummy row
+    top = torch.full((n_rows,), NEG_INF, dtype=acc, device=dev)
+    top = top.scatter_reduce(0, rows, lse.detach(), reduce="amax")
+    top = top.masked_fill(torch.isinf(top), 0.0)
+    w = torch.exp(lse - top[rows])  # 0 where a part saw nothing
+    den = torch.zeros(n_rows, dtype=acc, device=dev).index_add(0, rows, w)
+    out = torch.zeros(n_rows, dv, dtype=acc, device=dev)
+    if grad:
+        out = out.index_add(0, rows, w[:, None] * torch.cat(os_))
+    else:
+        out.index_add_(0, rows, torch.cat(os_).mul_(w[:, None]))
+    seen = den > 0
+    out = torch.where(seen[:, None], out / den.clamp_min(torch.finfo(acc).tiny)[:, None], 0.0)
+    total = torch.where(seen, top + torch.log(den.clamp_min(torch.finfo(acc).tiny)), NEG_INF)
+    return out, total
+
+
+class _FusedTiles(torch.autograd.Function):
+    """The tiles in torch's fused CPU flash kernel, forward and backward.
+
+    Forward runs each partition's tiles in one call and merges the partial
+    results by log-sum-exp. Backward calls the kernel's own backward per
+    partition with the merged output and log-sum-exp: the probabilities it
+    recomputes, exp(s - LSE), are then those of the whole softmax over the
+    query's selected keys, so the per-tile gradients add up to the exact one.
+    """
+
+    @staticmethod
+    def forward(ctx, q_flat, kb, vb, parts, scale):
+        lses, os_, rows_all = [], [], []
+        for part in parts:
+            qt, kt, vt = _part_inputs(q_flat, kb, vb, part)
             o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 qt[:, None],
                 kt[:, None],
                 vt[:, None],
                 0.0,
-                causal_square,
-                attn_mask=bias,
+                part["causal"],
+                attn_mask=part["bias"],
                 scale=scale,
             )
-            o, lse = o[:, 0].to(acc), lse[:, 0].to(acc)
-            if allowed is not None:
-                lse = lse.masked_fill(~allowed.any(dim=-1), NEG_INF)
-        else:
-            if causal_square:
-                allowed = (ar[:, None] >= ar[None, :]).expand(ids.numel(), -1, -1)
-            sc = (qt @ kt.transpose(-1, -2)).to(acc)
-            if allowed is not None:
-                sc = sc.masked_fill(~allowed, NEG_INF)
-            m = sc.amax(dim=-1, keepdim=True)
-            p = torch.exp(sc - m.masked_fill(torch.isinf(m), 0.0))
-            total = p.sum(dim=-1, keepdim=True)
-            o = (p.to(v.dtype) @ vt).to(acc) / total.clamp_min(torch.finfo(acc).tiny)
-            lse = (m + torch.log(total)).squeeze(-1)  # -inf where nothing is allowed
-        lses.append(lse.flatten())
-        os_.append(o.flatten(0, 1))
-        rows_all.append(t_rows.flatten())
-    # merge the (normalised) partial results of each query by their log-sum-exp
-    rows, lse = torch.cat(rows_all), torch.cat(lses)
-    lse = lse.masked_fill(rows == dummy, NEG_INF)
-    top = torch.full((dummy + 1,), NEG_INF, dtype=acc, device=dev)
-    top = top.scatter_reduce(0, rows, lse.detach(), reduce="amax")
-    top = top.masked_fill(torch.isinf(top), 0.0)
-    w = torch.exp(lse - top[rows])  # 0 where a part saw nothing
-    den = torch.zeros(dummy + 1, dtype=acc, device=dev).index_add(0, rows, w)
-    if grad:
-        out = out.index_add(0, rows, w[:, None] * torch.cat(os_))
-    else:
-        out.index_add_(0, rows, torch.cat(os_).mul_(w[:, None]))
-    out = torch.where(den[:, None] > 0, out / den.clamp_min(torch.finfo(acc).tiny)[:, None], 0.0)
-    return out[:dummy].view(b, h, nq, dv)
+            lse = lse[:, 0]
+            if part["allowed"] is not None:
+                lse = lse.masked_fill(~part["allowed"].any(dim=-1), NEG_INF)
+            lses.append(lse.flatten())
+            os_.append(o[:, 0].flatten(0, 1))
+            rows_all.append(part["rows"].flatten())
+        rows = torch.cat(rows_all)
+        out, total = _merge(
+            rows, torch.cat(lses), os_, q_flat.shape[0], vb.shape[-1], q_flat.dtype, False
+        )
+        ctx.save_for_backward(q_flat, kb, vb, out, total)
+        ctx.parts, ctx.scale = parts, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q_flat, kb, vb, out, total = ctx.saved_tensors
+        # rows that saw nothing: an infinite LSE makes every probability zero
+        total = total.masked_fill(torch.isinf(total), float("inf"))
+        dq, dk, dv = torch.zeros_like(q_flat), torch.zeros_like(kb), torch.zeros_like(vb)
+        grad_out = grad_out.contiguous()
+        for part in ctx.parts:
+            qt, kt, vt = _part_inputs(q_flat, kb, vb, part)
+            rows = part["rows"]
+            dqt, dkt, dvt = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out[rows][:, None],
+                qt[:, None],
+                kt[:, None],
+                vt[:, None],
+                out[rows][:, None],
+                total[rows][:, None],
+                0.0,
+                part["causal"],
+                attn_mask=part["bias"],
+                scale=ctx.scale,
+            )
+            if part["direct"]:
+                dq[:-1] += dqt.reshape(-1, dq.shape[-1])
+                dk += dkt[:, 0]
+                dv += dvt[:, 0]
+            else:
+                dq.index_add_(0, rows.flatten(), dqt[:, 0].flatten(0, 1))
+                dk.index_add_(0, part["kv_row"], dkt[:, 0])
+                dv.index_add_(0, part["kv_row"], dvt[:, 0])
+        return dq, dk, dv, None, None
 
 
 AllowedFn = Callable[[slice, slice], torch.Tensor]

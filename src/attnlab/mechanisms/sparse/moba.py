@@ -103,13 +103,16 @@ class MoBA(KVCacheDecode, Mechanism):
     causal; the gate itself is not differentiated (gradients flow through the
     attention over the chosen blocks).
 
-    Paths (``form``): ``"torch"`` groups the (query, block) choices by key
-    block and runs one dense matmul-softmax-matmul per group, merging each
-    query's blocks by log-sum-exp (plain PyTorch, trainable); ``"auto"`` does
-    the same but, when no gradients flow on CPU, runs each group in torch's
-    fused flash kernel (the faster path); ``"flex"`` runs FlexAttention over
-    the union of the blocks each query block chose, with a per-token rule
-    (inference only; compiled per shape, slower than ``"auto"`` on CPU).
+    Paths (``form``): the (query, block) choices are sorted by key block into
+    tiles of ``block`` queries sharing one block, all tiles run as one batch
+    and each query's partial softmaxes are merged by log-sum-exp. ``"auto"``
+    runs the tiles in torch's fused CPU flash kernel, forward and backward
+    (its backward, given the merged log-sum-exp, yields the exact gradient),
+    so it is both the fast and a trainable path; on other devices, dtypes or
+    Dv != D it falls back to ``"torch"``: the same tiles in plain PyTorch ops
+    (trainable by autograd). ``"flex"`` runs FlexAttention over the union of
+    the blocks each query block chose, with a per-token rule (inference only;
+    compiled per shape, slower than ``"auto"`` on CPU).
     """
 
     spec = Spec(
