@@ -145,13 +145,14 @@ class BlockLayout:
         step = max(1, _CHUNK_ELEMENTS // max(per_block, 1))
         return [(c0, min(c0 + step, self.q_blocks)) for c0 in range(0, self.q_blocks, step)]
 
-    def runs(self, batch_heads: int) -> list[tuple[int, int, int, bool]]:
-        """(c0, c1, slots, plain): chunks of query blocks that visit at most ``slots`` key blocks.
+    def runs(self, batch_heads: int) -> list[tuple[int, int, int, bool, bool]]:
+        """(c0, c1, slots, plain, seen): chunks of query blocks visiting at most ``slots`` blocks.
 
         Valid slots come first in every row, so a chunk only gathers the slots
         that some query block of it uses: border blocks that see more keys do
         not make every other block pay for padding. ``plain``: every pair of
-        the chunk's slots is allowed, so no mask is needed.
+        the chunk's slots is allowed, so no mask is needed; ``seen``: every
+        query of the chunk has a key to attend.
         """
 
         def make():
@@ -163,7 +164,8 @@ class BlockLayout:
                     if c == c1 or count[c] != count[start]:
                         used = int(max(count[start:c]))
                         plain = bool(self.kv_full[:, :, start:c, :used].all())
-                        out.append((start, c, used, plain))
+                        seen = bool(self.seen()[:, :, start:c].all())
+                        out.append((start, c, used, plain, seen))
                         start = c
             return out
 
@@ -285,7 +287,7 @@ def torch_block_attention(
     bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
     hi = (torch.arange(hq, device=q.device) // (hq // hkv)).view(1, hq, 1, 1)
     outs = []
-    for c0, c1, used, plain in layout.runs(b * hq):
+    for c0, c1, used, plain, all_seen in layout.runs(b * hq):
         plain = plain and mask is None
         idx = layout.kv_indices[:, :, c0:c1, :used]
         kg = kb[bi, hi, idx].flatten(3, 4)  # [B, H, c, used*bs, D]
@@ -295,7 +297,7 @@ def torch_block_attention(
         if not plain:
             if mask is None:
                 bias = layout.bias(q.dtype)[:, :, c0:c1, :, keys]
-                seen = layout.seen()[:, :, c0:c1]
+                seen = None if all_seen else layout.seen()[:, :, c0:c1]
             else:
                 qpos, kpos = layout.positions(c0, c1)
                 user = _user_mask_at(mask, qpos, kpos[..., keys], nq, nk)
