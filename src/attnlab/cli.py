@@ -356,13 +356,15 @@ def bench_capture(
     model: str = typer.Option("smollm2", help="smollm2, minilm, a local folder or a hub id."),
     tokens: int = typer.Option(8192, help="Tokens (the shipped text repeats to reach them)."),
     block: int = typer.Option(0, help="Query rows per block (0: about 4M floats a block)."),
+    probe: str = typer.Option("entropy", help="Analysis during the capture: entropy, max, none."),
+    threads: int = typer.Option(0, help="torch threads for both passes (0: torch's default)."),
     out: Path | None = typer.Option(None, help="Write the record as JSON here."),
 ):
     """Peak memory and time of a streaming capture next to the plain SDPA forward."""
     from attnlab.bench import capture as bench
 
     try:
-        r = bench.run(model, tokens, block=block or None)
+        r = bench.run(model, tokens, block=block or None, probe=probe, threads=threads or None)
     except attnlab.AttnInputError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
@@ -371,7 +373,9 @@ def bench_capture(
     for col in ("pass", "seconds", "peak RSS MB"):
         t.add_column(col, justify="left" if col == "pass" else "right")
     t.add_row("plain SDPA forward", f"{r['sdpa_seconds']:.1f}", f"{r['sdpa_peak_mb']:.0f}")
-    t.add_row("capture + row entropy", f"{r['capture_seconds']:.1f}", f"{r['capture_peak_mb']:.0f}")
+    t.add_row(
+        f"capture + probe {probe}", f"{r['capture_seconds']:.1f}", f"{r['capture_peak_mb']:.0f}"
+    )
     console.print(t)
     console.print(
         f"time ratio capture / SDPA: {r['time_ratio']:.2f}; model loaded: "

@@ -24,8 +24,9 @@ class Maps(Analysis):
         self.maps = {}
 
     def update(self, layer, probs, rows):
-        b, h, _, nk = probs.shape
-        self.maps.setdefault(layer, torch.zeros(b, h, self.info.seq_len, nk))[:, :, rows] = probs
+        b, h, _, k = probs.shape
+        n = self.info.seq_len
+        self.maps.setdefault(layer, torch.zeros(b, h, n, n))[:, :, rows, :k] = probs
 
     def finish(self):
         return []

@@ -20,9 +20,9 @@ class Maps(Analysis):
 
     def update(self, layer, probs, rows):
         self.calls += 1
-        b, h, _, nk = probs.shape
-        full = self.maps.setdefault(layer, torch.zeros(b, h, self.info.seq_len, nk))
-        full[:, :, rows] = probs
+        b, h, _, k = probs.shape
+        n = self.info.seq_len
+        self.maps.setdefault(layer, torch.zeros(b, h, n, n))[:, :, rows, :k] = probs
 
     def finish(self):
         return [

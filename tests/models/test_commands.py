@@ -63,7 +63,7 @@ def test_eval_ppl_user_text(tmp_path):
         app, ["eval", "ppl", "--mechanism", "chunked", "--text", str(f), "--tokens", "32"]
     )
     assert result.exit_code == 0, result.output
-    assert "t.txt" in result.output
+    assert "on 32 tokens" in result.output and "1.0000" in result.output
 
 
 def test_capture_qk_command(tmp_path):

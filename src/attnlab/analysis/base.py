@@ -53,9 +53,12 @@ class Analysis(ABC):
     def update(self, layer: int, probs: torch.Tensor, rows: slice) -> None:
         """Take one block of attention probabilities.
 
-        ``probs``: float32 [B, Hq, len(rows), Nk], the attention weights of query
-        rows ``rows`` (absolute positions) in layer ``layer``, masked and
-        normalised (each row sums to 1, or is all zero if it sees nothing).
+        ``probs``: float32 [B, Hq, len(rows), K], the attention weights of query
+        rows ``rows`` (absolute positions) over keys ``0..K-1`` in layer
+        ``layer``, masked and normalised (each row sums to 1, or is all zero if
+        it sees nothing). K <= Nk: in a causal layer the keys past K get zero
+        weight from every row of the block and are left out; otherwise K = Nk.
+        The tensor is only valid during the call: copy what you keep.
         """
 
     @abstractmethod

@@ -47,6 +47,36 @@ class RowEntropy(Analysis):
         ]
 
 
+class RowMax(Analysis):
+    """Cheaper probe: per head, the mean of each row's largest attention weight."""
+
+    name = "row-max"
+
+    def begin(self, info):
+        super().begin(info)
+        self.sums = torch.zeros(info.n_layers, info.n_heads, dtype=torch.float64)
+
+    def update(self, layer, probs, rows):
+        self.sums[layer] += probs.amax(dim=-1).sum(dim=(0, 2)).double()
+
+    def finish(self):
+        n = self.info.seq_len * self.info.input_ids.shape[0]
+        return [
+            {
+                "analysis": self.name,
+                "layer": layer,
+                "head": h,
+                "metric": "max",
+                "value": float(self.sums[layer, h] / n),
+            }
+            for layer in range(self.sums.shape[0])
+            for h in range(self.sums.shape[1])
+        ]
+
+
+PROBES = {"entropy": RowEntropy, "max": RowMax, "none": None}
+
+
 def _status_kb(field: str) -> int | None:
     status = Path("/proc/self/status")
     if not status.exists():
@@ -82,9 +112,22 @@ def run(
     *,
     block: int | None = None,
     text: str | None = None,
+    probe: str = "entropy",
+    threads: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Time and peak memory of the plain forward and of a captured one, side by side."""
+    """Time and peak memory of the plain forward and of a captured one, side by side.
+
+    ``probe``: the analysis run during the capture (``entropy``, ``max`` or
+    ``none``, which measures the block-wise exact attention alone). ``threads``:
+    torch threads for both passes (default: torch's setting).
+    """
+    from attnlab.core.errors import AttnInputError
+
+    if probe not in PROBES:
+        raise AttnInputError(f"probe: expected one of {', '.join(PROBES)}, got {probe!r}")
+    if threads is not None:
+        torch.set_num_threads(threads)
     from attnlab.models import capture, load
     from attnlab.models.text import text_ids
 
@@ -110,11 +153,10 @@ def run(
     gc.collect()
     reset_peak()
     t = time.perf_counter()
-    result = capture(model, ids, [RowEntropy()], block=block, progress=progress)
+    analyses = [PROBES[probe]()] if PROBES[probe] is not None else []
+    result = capture(model, ids, analyses, block=block, progress=progress)
     record["capture_seconds"] = time.perf_counter() - t
     record["capture_peak_mb"] = peak_rss_mb()
     record["time_ratio"] = record["capture_seconds"] / record["sdpa_seconds"]
     record["rows"] = len(result.rows)
-    ent = result.rows.grid("entropy")
-    record["mean_entropy_layer0"] = sum(ent[0]) / len(ent[0])
     return record

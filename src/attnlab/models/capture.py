@@ -2,9 +2,11 @@
 
 :func:`capture` runs one forward pass with attnlab's attention function in
 every layer. Each layer computes its exact softmax attention one block of query
-rows at a time: the block's probabilities [B, Hq, rows, Nk] go to every
+rows at a time: the block's probabilities [B, Hq, rows, K] go to every
 :class:`~attnlab.analysis.Analysis` (``update``), then the block's output
-``P @ V`` is written and the block is dropped. No layer's N x N map is kept and
+``P @ V`` is written and the block is dropped. In a causal layer K is the
+number of keys the block's last row can see (the columns past K are zero for
+every row of the block and are not materialised); otherwise K = Nk. No layer's N x N map is kept and
 no list of layers' maps is built: peak memory is the model plus one block
 (``rows x Nk`` per head), whatever the number of layers.
 
@@ -35,8 +37,8 @@ BLOCK_ELEMENTS = 1 << 22
 
 
 def default_block(batch: int, heads: int, nk: int) -> int:
-    """Query rows per block so that one block of probabilities holds about 4M floats."""
-    return max(16, BLOCK_ELEMENTS // max(1, batch * heads * nk))
+    """Query rows per block: about 4M floats of probabilities per block, at least 64 rows."""
+    return max(64, BLOCK_ELEMENTS // max(1, batch * heads * nk))
 
 
 @dataclass
@@ -89,8 +91,9 @@ def attention_blocks(
         if causal:
             # only the last `rows` columns of a causal block hold hidden keys
             tail = min(rows, kend)
-            tri = _causal_tail(rows, kend, tail, r0 + offset, q.device)
-            scores[..., kend - tail :].masked_fill_(~tri, float("-inf"))
+            hidden = ~_causal_tail(rows, kend, tail, r0 + offset, q.device)
+            bias = torch.zeros(rows, tail, device=q.device).masked_fill_(hidden, float("-inf"))
+            scores[..., kend - tail :].add_(bias)
         if mask is not None:
             mb = mask[:, :, r0:r1, :kend] if mask.shape[-2] != 1 else mask[..., :kend]
             if mb.shape[1] == 1:
@@ -146,7 +149,6 @@ def explicit_attention(
         e.prepare(layer, q, k, causal=causal, mask=mask, scale=scale)
     out = torch.empty(b, hq, nq, v.shape[-1], dtype=torch.float32, device=q.device)
     vf = v.float()
-    buffer = None
     for r0, r1, kend, probs in attention_blocks(
         q, k, causal=causal, mask=mask, scale=scale, block=block
     ):
@@ -154,19 +156,9 @@ def explicit_attention(
         for e in prob_edits:
             probs = e.probs(layer, probs, r0 + offset)
         if analyses:
-            if kend == nk:
-                full = probs
-            else:
-                # one zeroed buffer per layer: causal blocks only ever widen, so the
-                # columns past this block's `kend` are still zero
-                if buffer is None:
-                    buffer = torch.zeros(b, hq, min(block, nq), nk, device=q.device)
-                full = buffer[:, :, :rows]
-                full[..., :kend].copy_(probs)
             sl = slice(r0 + offset, r1 + offset)
             for a in analyses:
-                a.update(layer, full, sl)
-            del full
+                a.update(layer, probs, sl)
         pv = torch.matmul(probs.reshape(b, hkv, g * rows, kend), vf[:, :, :kend])
         out[:, :, r0:r1] = pv.view(b, hq, rows, -1)
         del probs, pv
