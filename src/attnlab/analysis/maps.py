@@ -38,7 +38,8 @@ class HeadMaps(Analysis):
             n = m.shape[0]
             stop = min(n, start + probs.shape[-2])
             if stop > start:
-                m[start:stop] = probs[0, h, : stop - start, :n].float().cpu()
+                k = min(n, probs.shape[-1])  # causal blocks leave out their zero columns
+                m[start:stop, :k] = probs[0, h, : stop - start, :k].float().cpu()
 
     def finish(self) -> list[dict[str, Any]]:
         return []
