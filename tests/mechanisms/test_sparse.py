@@ -138,6 +138,36 @@ def test_each_equals_its_own_dense_mask(name, causal):
     assert mech.density(n, n, causal, heads) == pytest.approx(dense.sum().item() / (heads * n * n))
 
 
+@pytest.mark.parametrize(
+    ("name", "config"),
+    [
+        ("window", {"window": 40, "block": 16}),
+        ("dilated", {"window": 9, "dilation": 3, "block": 16}),
+        ("neighborhood", {"kernel": 33, "block": 16}),
+    ],
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_sliding_bands_read_keys_in_place(name, config, causal):
+    """Bands of consecutive key blocks are read through strided views, also from strided inputs."""
+    n, heads = 200, 3
+    mech = attnlab.get(name, **config, form="torch")
+    layout = mech.layout(n, n, causal)
+    assert any(
+        layout.sliding_start(c0, c1, used) is not None for c0, c1, used, *_ in layout.runs(3)
+    )
+    q = torch.randn(1, 300, heads, 16, dtype=torch.float64)[:, 50 : 50 + n].transpose(1, 2)
+    k = torch.randn(1, n, heads, 16, dtype=torch.float64).transpose(1, 2)
+    v = torch.randn(1, heads, n, 8, dtype=torch.float64)
+    i, j = torch.arange(n).view(n, 1), torch.arange(n).view(1, n)
+    zero = torch.zeros(1, 1, dtype=torch.long)
+    dense = mech.rule(n, n, causal, heads)(zero, zero, i, j)
+    if causal:
+        dense = dense & (j <= i)
+    torch.testing.assert_close(
+        mech(q, k, v, causal=causal), reference_attention(q, k, v, mask=dense)
+    )
+
+
 def test_neighborhood_limit_is_full_attention():
     mech = attnlab.get("neighborhood", shape=(4, -1), kernel=(3, 3), dilation=(1, 2), block=8)
     full = attnlab.get("neighborhood", **vars(mech.limit(24)))

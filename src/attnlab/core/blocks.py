@@ -157,11 +157,19 @@ class BlockLayout:
 
         def make():
             count = self.kv_valid.sum(dim=-1).amax(dim=(0, 1)).clamp(min=1).tolist()
+            # rows whose first key block is one further than the previous row's
+            # (a sliding band) are kept apart from the others
+            first = self.kv_indices[..., 0].amax(dim=(0, 1))
+            slide = [False, *(first[1:] == first[:-1] + 1).tolist()]
             out = []
             for c0, c1 in self._chunks(batch_heads):
                 start = c0
                 for c in range(c0 + 1, c1 + 1):
-                    if c == c1 or count[c] != count[start]:
+                    if (
+                        c == c1
+                        or count[c] != count[start]
+                        or (c > start + 1 and slide[c] != slide[c - 1])
+                    ):
                         used = int(max(count[start:c]))
                         plain = bool(self.kv_full[:, :, start:c, :used].all())
                         seen = bool(self.seen()[:, :, start:c].all())
@@ -170,6 +178,25 @@ class BlockLayout:
             return out
 
         return self._cached(f"runs-{batch_heads}", make)
+
+    def sliding_start(self, c0: int, c1: int, used: int) -> int | None:
+        """The first key block of query block c0 when blocks c0..c1 visit consecutive key
+        blocks, one further per query block (a sliding band), else None (cached)."""
+
+        def make():
+            if self.kv_indices.shape[:2] != (1, 1) or not bool(
+                self.kv_valid[..., c0:c1, :used].all()
+            ):
+                return None
+            idx = self.kv_indices[0, 0, c0:c1, :used]
+            start = int(idx[0, 0])
+            rows = torch.arange(c1 - c0, device=idx.device)[:, None]
+            band = start + rows + torch.arange(used, device=idx.device)
+            if start + (c1 - c0 - 1) + used > self.k_blocks or not torch.equal(idx, band):
+                return None
+            return start
+
+        return self._cached(f"sliding-{c0}-{c1}-{used}", make)
 
     def positions(self, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Query positions [c, bq, 1] and gathered key positions [Bl, Hl, c, 1, S*bk]."""
@@ -289,9 +316,15 @@ def torch_block_attention(
     outs = []
     for c0, c1, used, plain, all_seen in layout.runs(b * hq):
         plain = plain and mask is None
-        idx = layout.kv_indices[:, :, c0:c1, :used]
-        kg = kb[bi, hi, idx].flatten(3, 4)  # [B, H, c, used*bs, D]
-        vg = vb[bi, hi, idx].flatten(3, 4)
+        start = layout.sliding_start(c0, c1, used) if hq == hkv else None
+        if start is None:
+            idx = layout.kv_indices[:, :, c0:c1, :used]
+            kg = kb[bi, hi, idx].flatten(3, 4)  # [B, H, c, used*bs, D]
+            vg = vb[bi, hi, idx].flatten(3, 4)
+        else:
+            # query block c0 + i visits key blocks start + i ... start + i + used - 1:
+            # overlapping strided views of k and v, no copy
+            kg, vg = (_sliding_view(x, start, c1 - c0, used * bs, bs) for x in (kb, vb))
         keys = slice(0, used * bs)
         bias, seen = None, None
         if not plain:
@@ -309,6 +342,17 @@ def torch_block_attention(
             o = o * seen.to(o.dtype)
         outs.append(o)
     return torch.cat(outs, dim=2).reshape(b, hq, nqb * bs, dv)[:, :, :nq]
+
+
+def _sliding_view(x: torch.Tensor, start: int, count: int, length: int, step: int):
+    """[B, H, count, length, D] view of blocked [B, H, nb, bs, D] whose row i starts at
+    token (start + i)·step; no copy when x is contiguous along its tokens."""
+    b, h, _, bs, d = x.shape
+    if x.stride()[2:] != (bs * d, d, 1):
+        x = x.contiguous()
+    s = x.stride()
+    offset = x.storage_offset() + start * bs * d
+    return x.as_strided((b, h, count, length, d), (s[0], s[1], step * d, d, 1), offset)
 
 
 def _attend(q, k, v, bias, scale):
