@@ -49,13 +49,16 @@ def test_all_to_first_token_is_found_as_sink():
 
 
 def test_secondary_sink_later_in_the_sequence_is_found_and_named():
-    maps = [stack_heads(to_position(N, 0), to_position(N, 9), causal_uniform(N))]
-    tokens = [f"t{i}" for i in range(N)]
+    n = 80
+    first, ninth = to_position(n, 0), to_position(n, 9)
+    maps = [stack_heads(first, ninth, first, ninth)]
+    tokens = [f"t{i}" for i in range(n)]
     tokens[9] = "."
     rows = analyse_maps(maps, [Sinks()], tokens=tokens)
     sinks = {r["position"]: r for r in rows if r["metric"] == "sink" and r["is_sink"]}
     assert set(sinks) == {0, 9}
     assert sinks[9]["kind"] == "secondary" and sinks[9]["token"] == "."
+    assert sinks[9]["heads"] == 2 and sinks[9]["ratio"] > 10
     top = next(r for r in rows if r["metric"] == "top_attention" and r["head"] == 1)
     assert top["position"] == 9 and top["value"] == pytest.approx(1.0)
 

@@ -35,7 +35,9 @@ def _rows_and_words(n=24):
 def test_report_is_self_contained_and_escapes_token_text(tmp_path):
     rows, words, hm = _rows_and_words()
     meta = {"model": "toy<b>", "source": EVIL, "tokens": len(words), "n_layers": 2, "n_heads": 2}
-    path = write_report(tmp_path, rows, meta, words, {"heads": (hm, words, [((1, 0), EVIL)])})
+    path = write_report(
+        tmp_path, rows, meta, words, {"heads": [(hm, words, [((1, 0), EVIL)], EVIL)]}
+    )
     text = path.read_text(encoding="utf-8")
     assert "<script" not in text.lower()
     assert "onerror=alert" not in text.replace("&quot;&gt;&lt;img src=x onerror=alert(1)&gt;", "")

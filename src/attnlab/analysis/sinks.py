@@ -34,7 +34,7 @@ class Sinks(Analysis):
     over what uniform causal attention would give that key
     (``mean_t 1 / (t + 1)``). Following Yu et al., who call a token a sink when
     it draws far more than its uniform share, a position is a sink
-    (``is_sink``) when ``ratio >= ratio_min`` (default 5); a sink other than
+    (``is_sink``) when ``ratio >= ratio_min`` (default 10); a sink other than
     position 0 is a secondary sink. Secondary sinks draw less than the first
     token (Wong et al.), so the ratio, not Gu's absolute ``epsilon``, decides.
 
@@ -62,7 +62,7 @@ class Sinks(Analysis):
         skip_rows: int = 4,
         min_observers: int = 16,
         massive_dims: int = 3,
-        ratio_min: float = 5.0,
+        ratio_min: float = 10.0,
     ):
         self.ratio_min = ratio_min
         self.epsilon = epsilon

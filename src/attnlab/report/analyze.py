@@ -160,9 +160,22 @@ def analyze(
     if chosen:
         log(f"attention maps of {len(chosen)} chosen heads ...")
         n_map = min(ids.shape[1], MAP_TOKENS)
-        hm = HeadMaps([lh for lh, _ in chosen], max_tokens=n_map)
-        capture(lm, ids[:, :n_map], [hm], progress=False)
-        head_maps["heads"] = (hm, words[:n_map], chosen)
+        inputs = {
+            "input": (ids[:, :n_map], f"the first {n_map} tokens of the input"),
+            "repeated": (
+                repeated_random_tokens(len(tok), 24, batch=1, bos=_bos(tok)),
+                "a random token sequence repeated once",
+            ),
+        }
+        head_maps["heads"] = []
+        for on, (map_ids, label) in inputs.items():
+            picked = [(lh, why) for lh, why, where in chosen if where == on]
+            if not picked:
+                continue
+            hm = HeadMaps([lh for lh, _ in picked], max_tokens=map_ids.shape[1])
+            capture(lm, map_ids, [hm], progress=False)
+            toks = tok.convert_ids_to_tokens(map_ids[0].tolist())
+            head_maps["heads"].append((hm, toks, picked, label))
     meta = {
         "model": model,
         "source": source,
@@ -192,19 +205,20 @@ def _best(rows, metric: str, analysis: str):
     return max(sel, key=lambda r: r["value"]) if sel else None
 
 
-def _chosen_heads(rows) -> list[tuple[tuple[int, int], str]]:
-    """A few heads worth looking at: the strongest sink, previous-token,
-    induction and retrieval heads (without repeats)."""
-    picks = []
-    for analysis, metric, why in (
-        ("sinks", "first_token_attention", "strongest first-token sink"),
-        ("patterns", "previous_token", "best previous-token head"),
-        ("patterns", "induction", "best induction head"),
-        ("retrieval", "retrieval_score", "best retrieval head"),
+def _chosen_heads(rows) -> list[tuple[tuple[int, int], str, str]]:
+    """A few heads worth looking at, with why and which input shows them best:
+    the strongest sink and retrieval heads on the input, the best previous-token
+    and induction heads on repeated random tokens."""
+    picks: list[tuple[tuple[int, int], str, str]] = []
+    for analysis, metric, why, on in (
+        ("sinks", "first_token_attention", "strongest first-token sink", "input"),
+        ("retrieval", "retrieval_score", "best retrieval head", "input"),
+        ("patterns", "previous_token", "best previous-token head", "repeated"),
+        ("patterns", "induction", "best induction head", "repeated"),
     ):
         r = _best(rows, metric, analysis)
-        if r is not None and (r["layer"], r["head"]) not in [p for p, _ in picks]:
-            picks.append(((r["layer"], r["head"]), f"{why} ({metric} {r['value']:.2f})"))
+        if r is not None and ((r["layer"], r["head"]), on) not in [(p, w) for p, _, w in picks]:
+            picks.append(((r["layer"], r["head"]), f"{why} ({metric} {r['value']:.2f})", on))
     return picks
 
 
@@ -356,20 +370,19 @@ def write_report(
             s.images.append((title, p))
             sections.append(s)
 
-    if "heads" in head_maps:
-        hm, toks, chosen = head_maps["heads"]
+    if head_maps.get("heads"):
         s = page.Section("Attention maps of chosen heads")
-        s.paragraphs.append(
-            f"Recomputed for these heads only, over the first {len(toks)} tokens of the input."
-        )
-        for (layer, h), why in chosen:
-            p = plots.attention_map(
-                hm.maps[(layer, h)],
-                toks,
-                out / f"map_L{layer}H{h}.png",
-                title=f"layer {layer} head {h}: {why}",
-            )
-            s.images.append((f"layer {layer} head {h}: {why}", p))
+        s.paragraphs.append("Recomputed for these heads only (no other map is kept).")
+        for hm, toks, chosen, label in head_maps["heads"]:
+            tag = "rep" if "repeated" in label else "input"
+            for (layer, h), why in chosen:
+                p = plots.attention_map(
+                    hm.maps[(layer, h)],
+                    toks,
+                    out / f"map_{tag}_L{layer}H{h}.png",
+                    title=f"layer {layer} head {h}: {why}",
+                )
+                s.images.append((f"layer {layer} head {h}: {why}; on {label}", p))
         sections.append(s)
     return page.write(
         out / "report.html",
