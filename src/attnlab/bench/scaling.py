@@ -5,9 +5,10 @@
   on a shared machine estimates the uncontended cost) over a range of N, and
   reports where each mechanism overtakes SDPA (CAB's "efficiency length") and
   the exponent of a least-squares fit of log time (median) against log N.
-- :func:`run_decode` times one decoding ``step`` at given positions, from a
-  state built by decoding that many tokens, to show that a recurrent state
-  costs the same per token at any position (a KV cache does not).
+- :func:`run_decode` times one decoding ``step`` at given positions (the
+  positions interleaved call by call), from a state built by decoding that many
+  tokens, to show that a recurrent state costs the same per token at any
+  position (a KV cache does not).
 - :func:`run_chunks` measures the chunked kernel of :mod:`attnlab.core.scan` for
   several chunk sizes and feature dims: the table behind ``choose_chunk``.
 """
@@ -228,19 +229,22 @@ def _decode(mechanisms, positions, batch, heads, head_dim, dtype, repeats, progr
         mech = attnlab.get(name).eval()
         if not mech.spec.decode:
             raise attnlab.AttnInputError(f"mechanisms: {name!r} has no decoding step")
-        step_ms, sizes = [], []
+        calls, sizes = {}, []
+        x = torch.randn(batch, heads, 1, head_dim, dtype=dtype)
         for pos in positions:
             if progress:
-                progress(f"decode {name} at {pos}")
+                progress(f"decode {name}: state at {pos}")
             state = _prefill(mech, pos, batch, heads, head_dim, dtype)
-            x = torch.randn(batch, heads, 1, head_dim, dtype=dtype)
-            got = _interleaved({name: lambda m=mech, s=state, x=x: m.step(x, x, x, s)}, repeats)
-            step_ms.append(got[name])
+            calls[pos] = lambda m=mech, s=state, x=x: m.step(x, x, x, s)
             sizes.append(
                 mech.state_size(
                     pos, q_heads=heads, kv_heads=heads, head_dim=head_dim, value_dim=head_dim
                 )
             )
+        if progress:
+            progress(f"decode {name}: timing")
+        got = _interleaved(calls, repeats)  # positions alternate, so noise hits all alike
+        step_ms = [got[pos] for pos in positions]
         results.append(
             DecodeResult(
                 mechanism=name,
