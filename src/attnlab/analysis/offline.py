@@ -29,13 +29,15 @@ def analyse_maps(
 ) -> list[dict[str, Any]]:
     """Feed per-layer attention maps ``maps[l]`` (float [B, H, N, N]) to ``analyses``.
 
-    Rows are handed over ``block`` query rows at a time (all at once when None).
+    Rows are handed over ``block`` query rows at a time (all at once when None);
+    when ``causal``, each block stops at the last key its rows can see (K <= Nk),
+    as in the capture protocol.
     ``input_ids`` defaults to ``arange(N)`` per sequence (every token distinct).
     Returns the concatenated tidy rows of every analysis.
     """
     if not maps:
         raise ValueError("maps: expected at least one layer's attention map, got none")
-    b, h, n, _nk = maps[0].shape
+    b, h, n, nk = maps[0].shape
     if input_ids is None:
         input_ids = torch.arange(n).expand(b, n)
     info = CaptureInfo(
@@ -53,7 +55,9 @@ def analyse_maps(
     for layer, m in enumerate(maps):
         for start in range(0, n, step):
             rows = slice(start, min(n, start + step))
-            block_probs = m[:, :, rows].float()
+            # like the capture, a causal block leaves out the keys none of its rows sees
+            keys = min(nk, rows.stop + nk - n) if causal else nk
+            block_probs = m[:, :, rows, :keys].float()
             for a in analyses:
                 a.update(layer, block_probs, rows)
     info.hidden_states = hidden_states
