@@ -318,9 +318,14 @@ def torch_block_attention(
         plain = plain and mask is None
         start = layout.sliding_start(c0, c1, used) if hq == hkv else None
         if start is None:
-            idx = layout.kv_indices[:, :, c0:c1, :used]
-            kg = kb[bi, hi, idx].flatten(3, 4)  # [B, H, c, used*bs, D]
-            vg = vb[bi, hi, idx].flatten(3, 4)
+            # one row index per gathered block: index_select copies whole blocks
+            rows = ((bi * hkv + hi) * nkb + layout.kv_indices[:, :, c0:c1, :used]).flatten()
+            kg, vg = (
+                x.reshape(-1, bs, x.shape[-1])
+                .index_select(0, rows)
+                .view(b, hq, c1 - c0, used * bs, x.shape[-1])
+                for x in (kb, vb)
+            )  # [B, H, c, used*bs, D]
         else:
             # query block c0 + i visits key blocks start + i ... start + i + used - 1:
             # overlapping strided views of k and v, no copy
