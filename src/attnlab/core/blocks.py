@@ -11,13 +11,16 @@ arXiv:2412.05496): it returns True where query ``q_idx`` may attend key
 that the same function serves both paths.
 
 - :func:`torch_block_attention`: plain PyTorch, trainable. Each query block
-  gathers its key and value blocks and attends them with the fused
+  gathers its key and value blocks (sliding bands of consecutive blocks are
+  read in place through strided views) and attends them with the fused
   ``scaled_dot_product_attention`` (batched matmul, online softmax, a
-  backward on every device), the token mask as an additive bias. It never
-  builds an N x N tensor: scores exist only for the gathered blocks.
+  backward on every device), the token mask as an additive bias; small
+  chunks use explicit matmuls. It never builds an N x N tensor: scores
+  exist only for the gathered blocks.
 - :func:`flex_block_attention`: ``torch.nn.attention.flex_attention`` compiled
   by ``torch.compile`` with a ``BlockMask`` built from the same layout (cached
-  on the layout). Inference only on CPU, where FlexAttention has no backward.
+  on the layout; below ``FLEX_COMPILE_MIN_PAIRS`` it runs uncompiled).
+  Inference only on CPU, where FlexAttention has no backward.
 - :func:`block_sparse_attention` picks the path (``"auto"``, see
   :func:`choose_path`): the trainable one when gradients flow, the dtype has
   no flex kernel, the shape is small, or on CPU where it is the faster one;
