@@ -37,14 +37,17 @@ import math
 import torch
 
 # Chunk size by feature dimension F, measured on the CPU of the development
-# machine (2 shared cores, torch 2.13, float32, causal, B1 H8 Dv64, N=16384,
-# process CPU ms, load average 8-12 from other jobs, so differences under ~15%
-# are noise; `attnlab bench chunks` reruns the kernel part of it):
-#   linear (F=64, no decay):     C32 423, C64 399, C128 433, C256 513
-#   lightning (F=64, decay):     C32 872, C64 488, C128 363, C256 610
-#   scan alone, N=16384 (wall):  F=16: C128 best; F=128: C64; F=273: C128-C512 within 20%
-# With a decay the [nb, nb] chunk-decay matrix favours fewer, larger chunks.
-CHUNK_TABLE: tuple[tuple[int, int], ...] = ((96, 64), (192, 64), (10**9, 128))
+# machine (2 shared cores, torch 2.13, float32, causal, B1 H8 Dv64, N=16384;
+# load average 8-12 from other jobs, so differences under ~15% are noise).
+# `attnlab bench chunks --n 16384` (the scan alone, median ms):
+#   F=16:  C32 203, C64 240, C128 281, C256 380
+#   F=64:  C32 426, C64 367, C128 388, C256 456
+#   F=128: C32 893, C64 465, C128 463, C256 708
+#   F=273: C32 2101, C64 1773, C128 1083, C256 1015
+# whole mechanisms (process CPU ms): linear (F=64) C32 423, C64 399, C128 433, C256 513;
+# lightning (F=64, with decay) C32 872, C64 488, C128 363, C256 610: with a decay the
+# [nb, nb] chunk-decay matrix favours fewer, larger chunks.
+CHUNK_TABLE: tuple[tuple[int, int], ...] = ((32, 32), (192, 64), (10**9, 128))
 CHUNK_TABLE_DECAY: tuple[tuple[int, int], ...] = ((10**9, 128),)
 
 # Elements allowed in one block's largest intermediate (scores or per-chunk
