@@ -439,12 +439,10 @@ def linear_attention(
 def orthogonal_gaussian(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
     """[rows, cols] random features with orthogonal rows in blocks of ``cols``, each row's norm
     drawn from the chi distribution of a Gaussian vector (Performer, arXiv:2009.14794, sec. 4)."""
-    blocks = []
-    for _ in range(math.ceil(rows / cols)):
-        g = torch.randn(cols, cols, generator=generator, dtype=torch.float64)
-        qmat, r = torch.linalg.qr(g)
-        qmat = qmat * torch.sign(torch.diagonal(r))[None, :]
-        blocks.append(qmat.T)
-    w = torch.cat(blocks)[:rows]
+    g = torch.randn(math.ceil(rows / cols), cols, cols, generator=generator, dtype=torch.float64)
+    qmat, r = torch.linalg.qr(g)  # one orthogonal block per `cols` rows
+    qmat = qmat * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]
+    blocks = qmat.transpose(-1, -2)
+    w = blocks.reshape(-1, cols)[:rows]
     norms = torch.randn(rows, cols, generator=generator, dtype=torch.float64).norm(dim=1)
     return (w * norms[:, None]).float()
