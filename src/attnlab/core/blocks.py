@@ -128,8 +128,13 @@ class BlockLayout:
             all_.append(allowed.all(dim=-1).all(dim=-2))
         keep = torch.cat(any_, dim=2) & valid
         full = torch.cat(all_, dim=2) & keep
-        # kept blocks first, in increasing key order
-        order = torch.where(keep, idx, nkb + idx).argsort(dim=-1)
+        # kept blocks first, in increasing key order; where the rule differs per
+        # batch or head, fully visible blocks come before partial ones, so that
+        # rows with the same partial pattern share one token mask across heads
+        rank = torch.where(keep, idx, 2 * nkb + idx)
+        if idx.shape[0] * idx.shape[1] > 1:
+            rank = rank + torch.where(keep & ~full, nkb, 0)
+        order = rank.argsort(dim=-1)
         count = max(1, int(keep.sum(dim=-1).max()))
         order = order[..., :count]
         return cls(
@@ -235,11 +240,18 @@ class BlockLayout:
         return self._cache[name]
 
     def allowed(self) -> torch.Tensor:
-        """The whole token mask [Bl, Hl, Nq/block, bq, S*bk], computed once per layout."""
-        return self._cached(
-            "allowed",
-            lambda: torch.cat([self.token_mask(a, b) for a, b in self._chunks(1)], dim=2),
-        )
+        """The whole token mask [Bl, Hl, Nq/block, bq, S*bk], computed once per layout.
+
+        Kept as [1, 1, ...] when it is the same for every batch entry and head.
+        """
+
+        def make():
+            whole = torch.cat([self.token_mask(a, b) for a, b in self._chunks(1)], dim=2)
+            if whole.shape[0] * whole.shape[1] > 1 and bool((whole == whole[:1, :1]).all()):
+                return whole[:1, :1].clone()
+            return whole
+
+        return self._cached("allowed", make)
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor:
         """Additive bias [Bl, Hl, Nq/block, bq, S*bk] (0 allowed, -inf not), cached per dtype."""
