@@ -3,9 +3,12 @@
 Linux keeps a high-water mark of each process's resident set (``VmHWM``);
 writing ``5`` to ``/proc/self/clear_refs`` resets it to the current resident
 size. A call's peak extra memory is then ``VmHWM`` after it minus ``VmRSS``
-before it. glibc is told to serve every large block by ``mmap`` and to give it
-back on ``free``, so memory freed by an earlier call cannot hide a later
-call's allocations.
+before it. While a call is measured, glibc is told to serve every large block
+by ``mmap`` and to give it back on ``free``, and free heap memory is returned
+first (``malloc_trim``), so memory freed by an earlier call cannot hide a
+later call's allocations. Afterwards glibc goes back to reusing freed blocks
+up to 32 MiB, as its adaptive default does, so that timed calls do not pay a
+page fault for every temporary.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_configured = False
+_MEASURE_THRESHOLD = 256 * 1024
+_REUSE_THRESHOLD = 32 * 2**20
+_libc = None
 
 
 def _status_kib(field: str) -> int:
@@ -40,17 +45,17 @@ def available() -> bool:
     return True
 
 
-def _configure_allocator() -> None:
-    global _configured
-    if _configured:
-        return
-    name = ctypes.util.find_library("c")
-    if name:
-        libc = ctypes.CDLL(name)
-        if hasattr(libc, "mallopt"):
-            libc.mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
-            libc.mallopt(_M_TRIM_THRESHOLD, 256 * 1024)
-    _configured = True
+def _allocator(threshold: int) -> None:
+    """Serve blocks of at least ``threshold`` bytes by mmap, and trim the heap above it."""
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        _libc = ctypes.CDLL(name) if name else False
+    if _libc and hasattr(_libc, "mallopt"):
+        _libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+        _libc.mallopt(_M_TRIM_THRESHOLD, threshold)
+        if threshold == _MEASURE_THRESHOLD and hasattr(_libc, "malloc_trim"):
+            _libc.malloc_trim(0)
 
 
 def peak_extra_bytes(fn: Callable[[], object]) -> tuple[object, int | None]:
@@ -58,10 +63,13 @@ def peak_extra_bytes(fn: Callable[[], object]) -> tuple[object, int | None]:
     for the bytes where the platform cannot tell."""
     if not available():
         return fn(), None
-    _configure_allocator()
     gc.collect()
-    before = _status_kib("VmRSS")
-    _CLEAR_REFS.write_text("5")
-    result = fn()
-    peak = _status_kib("VmHWM")
+    _allocator(_MEASURE_THRESHOLD)
+    try:
+        before = _status_kib("VmRSS")
+        _CLEAR_REFS.write_text("5")
+        result = fn()
+        peak = _status_kib("VmHWM")
+    finally:
+        _allocator(_REUSE_THRESHOLD)
     return result, max(peak - before, 0) * 1024

@@ -41,7 +41,7 @@ def tiled_attention(
     score_mod: ScoreMod | None = None,
     weight: Weight | None = None,
     normalise: bool = True,
-    block_q: int = 512,
+    block_q: int = 256,
     block_k: int = 1024,
 ) -> torch.Tensor:
     """Attention by tiles: ``sum_j w(s_ij) v_j / Z_i`` with s = score_mod(q kᵀ · scale).

@@ -35,7 +35,7 @@ class Online(KVCacheDecode, Mechanism):
 
     @dataclass
     class Config:
-        block_q: int = 512
+        block_q: int = 256
         block_k: int = 1024
 
         def __post_init__(self):
