@@ -122,3 +122,15 @@ def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise AttnInputError(f"{name}: expected a positive integer, got {value!r}")
     return value
+
+
+def check_nonnegative(name: str, value: object) -> float:
+    """A Config option that must be a finite number >= 0 (a standard deviation, a rate, ...)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise AttnInputError(f"{name}: expected a number >= 0, got {value!r}")
+    return float(value)

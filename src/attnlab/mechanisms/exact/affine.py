@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -11,7 +10,7 @@ import torch
 from torch import nn
 
 from attnlab.core import AttnInputError, Mechanism, Spec, register
-from attnlab.core.checks import check_positive_int
+from attnlab.core.checks import check_nonnegative, check_positive_int
 from attnlab.core.masks import repeat_kv
 from attnlab.core.mechanism import KVCacheDecode
 from attnlab.core.tiled import tiled_attention
@@ -95,13 +94,7 @@ class Affine(KVCacheDecode, Mechanism):
                     check_positive_int(name, getattr(self, name))
             _unit_interval("momentum", self.momentum)
             _unit_interval("init_alpha", self.init_alpha)
-            if (
-                isinstance(self.init_std, bool)
-                or not isinstance(self.init_std, (int, float))
-                or not math.isfinite(self.init_std)
-                or self.init_std < 0
-            ):
-                raise AttnInputError(f"init_std: expected a number >= 0, got {self.init_std!r}")
+            check_nonnegative("init_std", self.init_std)
             check_positive_int("block_q", self.block_q)
             check_positive_int("block_k", self.block_k)
 
