@@ -38,8 +38,16 @@ def inputs(b=2, hq=4, hkv=2, nq=24, nk=24, d=8, dv=6, dtype=torch.float32, grad=
     return q, k, v
 
 
+def refuses(name: str, causal: bool, nq: int, nk: int) -> bool:
+    """Whether the mechanism says, before computing, that it cannot run this shape."""
+    q, k, v = inputs(nq=nq, nk=nk)
+    return bool(build(name).unsupported(q, k, v, causal=causal, mask=None))
+
+
 def modes(spec):
-    """(causal, nq, nk) triples the Spec claims: self-attention, and cross where supported."""
+    """(causal, nq, nk) triples the Spec claims: self-attention, and cross where supported
+    (fewer queries than keys, and more queries than keys unless the mechanism refuses it
+    in ``unsupported()``, which the contract allows)."""
     out = []
     for causal in (False, True):
         if (causal and not spec.causal) or (not causal and not spec.noncausal):
@@ -47,6 +55,8 @@ def modes(spec):
         out.append((causal, 24, 24))
         if spec.cross:
             out.append((causal, 13, 29))
+            if not refuses(spec.name, causal, 29, 13):
+                out.append((causal, 29, 13))
     return out
 
 
