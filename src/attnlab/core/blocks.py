@@ -631,13 +631,6 @@ class StaticBlockSparse(KVCacheDecode, Mechanism):
 
     def unsupported(self, q, k, v, *, causal=False, mask=None):
         reasons = super().unsupported(q, k, v, causal=causal, mask=mask)
-        if q.shape[2] > k.shape[2]:
-            # the banded layouts misplace queries that precede every key (found by the
-            # contract's Nq > Nk mode); refuse rather than answer wrongly until fixed
-            reasons.append(
-                f"q: expected Nq <= Nk (more queries than keys is not supported by the "
-                f"block layouts yet), got Nq={q.shape[2]}, Nk={k.shape[2]}"
-            )
         if self.config.form == "flex":
             reasons += flex_unsupported(q, k, v)
         return reasons

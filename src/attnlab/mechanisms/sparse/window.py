@@ -27,7 +27,7 @@ def band_candidates(nq: int, nk: int, block: int, back: int, ahead: int) -> torc
     """
     nqb = -(-nq // block)
     start = torch.arange(nqb) * block + (nk - nq)
-    stop = torch.clamp(start + block - 1, max=nk - 1 + (nk - nq))
+    stop = torch.clamp(start + block - 1, max=nk - 1)
     lo = torch.clamp(start - back, min=0)
     hi = torch.clamp(stop + ahead, max=nk - 1)
     lo_b, hi_b = lo // block, torch.where(hi >= lo, hi // block + 1, lo // block)
