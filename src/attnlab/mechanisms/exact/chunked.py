@@ -64,7 +64,6 @@ class _ChunkedAttention(torch.autograd.Function):
                     q_c, k[:, :, ks], scale, _chunk_allowed(mask, causal, qs, ks, offset, q.device)
                 )
                 m = s.amax(dim=-1, keepdim=True)
-                m = m.masked_fill(torch.isinf(m), float("-inf"))
                 e = torch.exp(s - m.masked_fill(torch.isinf(m), 0.0))
                 values.append((e.to(v.dtype) @ v[:, :, ks]).to(_acc(q)))
                 sums.append(e.sum(dim=-1, keepdim=True))
