@@ -289,3 +289,33 @@ def test_flex_form_refuses_gradients_and_float64():
     q = torch.randn(1, 1, 8, 4, requires_grad=True)
     with pytest.raises(attnlab.AttnInputError, match="form"):
         mech(q, q, q)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gather_pieces_and_shared_bias_match_dense(monkeypatch, causal):
+    """Gathers cut into one-block pieces, shared per-run biases and the preallocated
+    output (no gradients) give the dense answer; with gradients the pieces are joined."""
+    monkeypatch.setattr(attnlab.core.blocks, "_GATHER_BYTES", 1)
+    n, heads = 70, 3
+    mech = attnlab.get("blocksparse", local=2, global_blocks=1, random=1, block=8, form="torch")
+    layout = mech.layout(n, n, causal, heads)
+    shared = [
+        layout.shared_bias(c0, c1, used, torch.float64)
+        for c0, c1, used, plain, _ in layout.runs(heads)
+        if not plain
+    ]
+    assert any(s is not None and s.shape[:2] == (1, 1) for s in shared)
+    q, k, v = (torch.randn(1, heads, n, 8, dtype=torch.float64) for _ in range(3))
+    table = mech.table(n, n, causal, heads)
+    i, j = torch.arange(n).view(n, 1), torch.arange(n).view(1, n)
+    dense = table[:, i // 8, j // 8]
+    if causal:
+        dense = dense & (j <= i)
+    want = reference_attention(q, k, v, mask=dense[None])
+    with torch.no_grad():
+        torch.testing.assert_close(mech(q, k, v, causal=causal), want)
+    q.requires_grad_()
+    got = mech(q, k, v, causal=causal)
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()

@@ -60,6 +60,9 @@ FLEX_COMPILE_MIN_PAIRS = 64 * 64
 _FUSED_MIN_ELEMENTS = 1 << 16
 # elements of one gathered score chunk in the trainable path
 _CHUNK_ELEMENTS = 1 << 24
+# bytes of gathered keys and values per piece: small temporaries are reused by the
+# allocator, large ones are page-faulted afresh on every call
+_GATHER_BYTES = 1 << 22
 
 
 @dataclass(eq=False)
@@ -257,6 +260,19 @@ class BlockLayout:
         """Additive bias [Bl, Hl, Nq/block, bq, S*bk] (0 allowed, -inf not), cached per dtype."""
         return self._cached(f"bias-{dtype}", lambda: _bias(self.allowed(), dtype)[0])
 
+    def shared_bias(self, c0: int, c1: int, used: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Bias [1, 1, bq, used*bk] when every batch entry, head and query block of
+        c0..c1 has the same token mask and every query sees a key, else None (cached)."""
+
+        def make():
+            allowed = self.allowed()[:, :, c0:c1, :, : used * self.block]
+            first = allowed[:1, :1, :1]
+            if not bool((allowed == first).all()) or not bool(first.any(dim=-1).all()):
+                return None
+            return _bias(first[0], dtype)[0]
+
+        return self._cached(f"shared-{c0}-{c1}-{used}-{dtype}", make)
+
     def seen(self) -> torch.Tensor:
         """Bool [Bl, Hl, Nq/block, bq, 1]: queries that have a key to attend (cached)."""
         return self._cached("seen", lambda: self.allowed().any(dim=-1, keepdim=True))
@@ -319,6 +335,12 @@ def torch_block_attention(
     softmax, fused; it has a backward on every device), the token mask and
     the user's mask entering as an additive -inf bias. Rows that see nothing
     give zeros. Half precision accumulates in float32 inside the kernel.
+
+    Gathers are cut into pieces of about ``_GATHER_BYTES`` so that every
+    temporary stays small enough for the allocator to reuse (a fresh large
+    buffer is page-faulted on first touch); where every query block of a run
+    has the same token mask, one [bq, S*bk] bias serves them all. Without
+    gradients the pieces are written into one preallocated output.
     """
     b, hq, nq, _ = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -328,40 +350,58 @@ def torch_block_attention(
     vb = _pad_to(v, nkb * bs).unflatten(2, (nkb, bs))
     bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
     hi = (torch.arange(hq, device=q.device) // (hq // hkv)).view(1, hq, 1, 1)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    out = None if grad else q.new_empty(b, hq, nqb, bs, dv)
     outs = []
-    for c0, c1, used, plain, all_seen in layout.runs(b * hq):
+    row_bytes = b * hq * bs * (k.shape[-1] + dv) * k.element_size()
+    for r0, r1, used, plain, all_seen in layout.runs(b * hq):
         plain = plain and mask is None
-        start = layout.sliding_start(c0, c1, used) if hq == hkv else None
-        if start is None:
-            # one row index per gathered block: index_select copies whole blocks
-            rows = ((bi * hkv + hi) * nkb + layout.kv_indices[:, :, c0:c1, :used]).flatten()
-            kg, vg = (
-                x.reshape(-1, bs, x.shape[-1])
-                .index_select(0, rows)
-                .view(b, hq, c1 - c0, used * bs, x.shape[-1])
-                for x in (kb, vb)
-            )  # [B, H, c, used*bs, D]
-        else:
-            # query block c0 + i visits key blocks start + i ... start + i + used - 1:
-            # overlapping strided views of k and v, no copy
-            kg, vg = (_sliding_view(x, start, c1 - c0, used * bs, bs) for x in (kb, vb))
-        keys = slice(0, used * bs)
-        bias, seen = None, None
-        if not plain:
-            if mask is None:
-                bias = layout.bias(q.dtype)[:, :, c0:c1, :, keys]
-                seen = None if all_seen else layout.seen()[:, :, c0:c1]
+        start = layout.sliding_start(r0, r1, used) if hq == hkv else None
+        step = r1 - r0 if start is not None else max(1, _GATHER_BYTES // (row_bytes * used))
+        shared = None
+        if not plain and mask is None:
+            shared = layout.shared_bias(r0, r1, used, q.dtype)
+        for c0 in range(r0, r1, step):
+            c1 = min(c0 + step, r1)
+            if start is None:
+                # one row index per gathered block: index_select copies whole blocks
+                rows = ((bi * hkv + hi) * nkb + layout.kv_indices[:, :, c0:c1, :used]).flatten()
+                kg, vg = (
+                    x.reshape(-1, bs, x.shape[-1])
+                    .index_select(0, rows)
+                    .view(b, hq, c1 - c0, used * bs, x.shape[-1])
+                    for x in (kb, vb)
+                )  # [B, H, c, used*bs, D]
             else:
-                qpos, kpos = layout.positions(c0, c1)
-                user = _user_mask_at(mask, qpos, kpos[..., keys], nq, nk)
-                bias, seen = _bias(layout.allowed()[:, :, c0:c1, :, keys] & user, q.dtype)
-            bias = bias.expand(b, hq, -1, -1, -1).flatten(0, 1)
-        o = _attend(qb[:, :, c0:c1].flatten(0, 1), kg.flatten(0, 1), vg.flatten(0, 1), bias, scale)
-        o = o.unflatten(0, (b, hq))
-        if seen is not None:
-            o = o * seen.to(o.dtype)
-        outs.append(o)
-    return torch.cat(outs, dim=2).reshape(b, hq, nqb * bs, dv)[:, :, :nq]
+                # query block c0 + i visits key blocks start + i ... start + i + used - 1:
+                # overlapping strided views of k and v, no copy
+                s0 = start + c0 - r0
+                kg, vg = (_sliding_view(x, s0, c1 - c0, used * bs, bs) for x in (kb, vb))
+            keys = slice(0, used * bs)
+            bias, seen = None, None
+            if not plain:
+                if shared is not None:
+                    bias = shared
+                elif mask is None:
+                    bias = layout.bias(q.dtype)[:, :, c0:c1, :, keys]
+                    seen = None if all_seen else layout.seen()[:, :, c0:c1]
+                else:
+                    qpos, kpos = layout.positions(c0, c1)
+                    user = _user_mask_at(mask, qpos, kpos[..., keys], nq, nk)
+                    bias, seen = _bias(layout.allowed()[:, :, c0:c1, :, keys] & user, q.dtype)
+                if bias.dim() == 5:
+                    bias = bias.expand(b, hq, -1, -1, -1).flatten(0, 1)
+            qc = qb[:, :, c0:c1].flatten(0, 1)
+            o = _attend(qc, kg.flatten(0, 1), vg.flatten(0, 1), bias, scale).unflatten(0, (b, hq))
+            if seen is not None:
+                o = o * seen.to(o.dtype)
+            if out is None:
+                outs.append(o)
+            else:
+                out[:, :, c0:c1].copy_(o)
+    if out is None:
+        out = torch.cat(outs, dim=2)
+    return out.view(b, hq, nqb * bs, dv)[:, :, :nq]
 
 
 def _sliding_view(x: torch.Tensor, start: int, count: int, length: int, step: int):
