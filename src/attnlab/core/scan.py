@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 # Chunk size by feature dimension F, measured on the CPU of the development
 # machine (2 shared cores, torch 2.13, float32, causal, B1 H8 Dv64, N=16384;
@@ -50,12 +51,10 @@ import torch
 CHUNK_TABLE: tuple[tuple[int, int], ...] = ((32, 32), (192, 64), (10**9, 128))
 CHUNK_TABLE_DECAY: tuple[tuple[int, int], ...] = ((10**9, 128),)
 
-# Elements allowed in one block's largest intermediate (scores or per-chunk
-# states); bounds memory at any N while keeping the batched matmuls large.
-_BLOCK_ELEMENTS = 1 << 25
-# Chunks per block with a decay: the [nb, nb] matrix of chunk decays costs nb·F·Dv per
-# chunk, so nb is capped to stay linear in N.
-_DECAY_BLOCK = 128
+# Elements allowed in one block's largest intermediate (features, scores, values):
+# small enough to stay in cache and be reused by malloc, large enough that the batched
+# matmuls and the per-block Python overhead are amortised.
+_BLOCK_ELEMENTS = 1 << 20
 
 
 def choose_chunk(n: int, feature_dim: int, *, decay: bool = False) -> int:
@@ -205,140 +204,132 @@ def _parallel(fq5, fk5, v5, log_decay, causal, offset, mask):
     return a @ v5
 
 
-def _chunked(fq5, fk5, v5, log_decay, s5, chunk):
-    """Causal square scan (Nq == Nk) from state s5; returns (out5, final state)."""
-    b, h, g, n, f = fq5.shape
-    dv1 = v5.shape[-1]
-    c = max(1, min(chunk, n))
-    pad = (-n) % c
-    constant = log_decay is not None and log_decay.shape[-1] == 1 and not pad and g == 1
-    if log_decay is not None and not constant:
-        log_decay = log_decay.expand(*log_decay.shape[:-1], n)
-    if pad:
-        fq5 = torch.nn.functional.pad(fq5, (0, 0, 0, pad))
-        fk5 = torch.nn.functional.pad(fk5, (0, 0, 0, pad))
-        v5 = torch.nn.functional.pad(v5, (0, 0, 0, pad))
-        if log_decay is not None:
-            log_decay = torch.nn.functional.pad(log_decay, (0, pad))
-    nc = (n + pad) // c
-    fq6 = fq5.reshape(b, h, g, nc, c, f)
-    fk6 = fk5.reshape(b, h, 1, nc, c, f)
-    v6 = v5.reshape(b, h, 1, nc, c, dv1)
-    per_chunk = b * h * max(g * c * c, f * dv1, g * c * dv1)
-    block = max(1, min(nc, _BLOCK_ELEMENTS // max(per_chunk, 1)))
-    if constant:
-        block = min(block, _DECAY_BLOCK)
-        return _chunked_constant(fq6, fk6, v6, log_decay[..., None, None], s5, block)
-    if log_decay is None and g == 1:
-        return _chunked_plain(fq6, fk6, v6, s5, block, pad)
-    ld = None if log_decay is None else log_decay.reshape(*log_decay.shape[:3], nc, c)
-    if ld is not None:
-        block = min(block, _DECAY_BLOCK)
-    tril = torch.ones(c, c, dtype=torch.bool, device=fq5.device).tril()
-    outs = []
-    for c0 in range(0, nc, block):
-        sl = slice(c0, min(c0 + block, nc))
-        q, k, vv = fq6[:, :, :, sl], fk6[:, :, :, sl], v6[:, :, :, sl]
-        scores = q @ k.transpose(-1, -2)  # [B, H, G, nb, C, C]
-        if ld is None:
-            scores.tril_()
-            cum = (k.transpose(-1, -2) @ vv).cumsum(dim=3)  # [B, H, 1, nb, F, Dv1]
-            cum += s5[:, :, :, None]  # state after each chunk
-            out = scores @ vv
-            out[:, :, :, 1:] += q[:, :, :, 1:] @ cum[:, :, :, :-1]
-            out[:, :, :, :1] += q[:, :, :, :1] @ s5[:, :, :, None]
-            s5 = cum[:, :, :, -1]
-        else:
-            lc = ld[:, :, :, sl].cumsum(-1)  # [B|1, H|1, 1, nb, C], within-chunk running sum
-            expo = (lc[..., :, None] - lc[..., None, :]).masked_fill(~tril, float("-inf"))
-            scores = scores * torch.exp(expo)
-            total = lc[..., -1]  # log decay over each chunk [.., nb]
-            kv = (k * torch.exp(total[..., None] - lc)[..., None]).transpose(-1, -2) @ vv
-            before = total.cumsum(-1) - total  # exclusive: decay accumulated before chunk c
-            after = before[..., None] - before[..., None, :] - total[..., None, :]
-            nb = total.shape[-1]
-            lower = torch.ones(nb, nb, dtype=torch.bool, device=fq5.device).tril(-1)
-            w = torch.exp(after.masked_fill(~lower, float("-inf")))  # chunk c' -> entering c
-            s_in = (w @ kv.flatten(-2)).reshape(kv.shape) + torch.exp(before)[..., None, None] * s5[
-                :, :, :, None
-            ]
-            out = scores @ vv + (q * torch.exp(lc)[..., None]) @ s_in
-            end = before[..., -1] + total[..., -1]  # all decay of the block
-            w_end = torch.exp(end[..., None] - before - total)  # chunk c' -> end of block
-            s5 = (w_end[..., None] * kv.flatten(-2)).sum(3).reshape(s5.shape) + torch.exp(end)[
-                ..., None, None
-            ] * s5
-        outs.append(out)
-    out5 = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)).reshape(b, h, g, nc * c, dv1)
-    return (out5[..., :n, :] if pad else out5), s5
+def _decay_factors(ld, nb, c, tokens):
+    """Decay weights of one block of ``tokens`` steps of one head, from its log decays
+    ld [T] (or [1]: the same decay at every step), in nb chunks of C.
 
-
-def _chunked_plain(fq6, fk6, v6, s5, block, pad):
-    """The chunked scan without decay, one query head per state, on 3-d batched matmuls:
-    out_c = q_c S_(c-1) + tril(q_c k_cᵀ) v_c, S_c the state after chunk c."""
-    b, h, _, nc, c, f = fq6.shape
-    dv1 = v6.shape[-1]
-    bh = b * h
-    state = s5.reshape(bh, 1, f, dv1)
-    outs = []
-    for c0 in range(0, nc, block):
-        c1 = min(c0 + block, nc)
-        q = fq6[:, :, 0, c0:c1].reshape(-1, c, f)
-        k = fk6[:, :, 0, c0:c1].reshape(-1, c, f)
-        v = v6[:, :, 0, c0:c1].reshape(-1, c, dv1)
-        kv = torch.bmm(k.transpose(1, 2), v).view(bh, c1 - c0, f, dv1)
-        kv.cumsum_(1)
-        kv += state  # kv[:, i]: the state after chunk i
-        before = torch.cat([state, kv[:, :-1]], dim=1)  # the state entering each chunk
-        state = kv[:, -1:]
-        out = torch.bmm(q, before.view(-1, f, dv1))
-        out.baddbmm_(torch.bmm(q, k.transpose(1, 2)).tril_(), v)
-        outs.append(out.view(bh, c1 - c0, c, dv1))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-    out = out.reshape(b, h, 1, nc * c, dv1)
-    n = nc * c - pad
-    return (out[..., :n, :] if pad else out), state.reshape(s5.shape)
-
-
-def _chunked_constant(fq6, fk6, v6, lam, s5, block):
-    """The chunked scan for a decay constant along the sequence, lam [B|1, H|1, 1, 1, 1, 1].
-
-    Every chunk then shares one C x C decay mask lambda^(i-j) and one chunk decay
-    lambda^C (Lightning Attention-2, Algorithm 1); one query head per state.
+    Returns (intra [nb, C, C], into [nb, C], out_of [nb, C], chunk_w [nb + 1, nb],
+    start [nb + 1]): inside a chunk exp(L_i - L_j) (zero above the diagonal); from a
+    chunk's entering state to its token i; from token j to its chunk's end; from the end of
+    chunk c' to the entry of chunk c (row nb: the end of the block); from the block's
+    entering state to the entry of chunk c. With a constant decay (and no padding) the
+    first three are the same for every chunk and come with a leading 1 instead of nb.
+    Padded steps (past ``tokens``) do not decay. Every exponent is <= 0.
     """
-    b, h, _, nc, c, f = fq6.shape
-    dv1 = v6.shape[-1]
-    bh = b * h
-    lam = lam.reshape(lam.shape[0], lam.shape[1]).expand(b, h).reshape(bh, 1, 1)
-    idx = torch.arange(c, device=fq6.device, dtype=fq6.dtype)
-    lower = torch.ones(c, c, dtype=torch.bool, device=fq6.device).tril()
-    gaps = (idx[:, None] - idx[None, :]).masked_fill(~lower, float("inf"))
-    mask = torch.exp(gaps * lam)[:, None]  # [BH, 1, C, C], zero above the diagonal
-    into = torch.exp((idx + 1)[:, None] * lam)[:, None]  # [BH, 1, C, 1] chunk start -> i
-    out_of = torch.exp((c - 1 - idx)[:, None] * lam)[:, None]  # [BH, 1, C, 1] j -> chunk end
-    state = s5.reshape(bh, f * dv1)
-    outs = []
-    for c0 in range(0, nc, block):
-        c1 = min(c0 + block, nc)
-        nb = c1 - c0
-        q = fq6[:, :, 0, c0:c1].reshape(bh, nb, c, f)
-        k = fk6[:, :, 0, c0:c1].reshape(bh, nb, c, f)
-        v = v6[:, :, 0, c0:c1].reshape(-1, c, dv1)
-        kv = torch.bmm((k * out_of).reshape(-1, c, f).transpose(1, 2), v)  # [BH*nb, F, Dv1]
-        steps = torch.arange(nb, device=q.device, dtype=q.dtype)
-        gap = (steps[:, None] - 1 - steps[None, :]).masked_fill(
-            ~torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril(-1), float("inf")
-        )
-        w = torch.exp(gap * (c * lam))  # [BH, nb, nb]: chunk c' -> entering chunk c
-        s_in = torch.bmm(w, kv.view(bh, nb, f * dv1))
-        s_in += torch.exp(steps[:, None] * (c * lam)) * state[:, None]  # [BH, nb, F*Dv1]
-        scores = (q @ k.transpose(-1, -2)).mul_(mask).view(-1, c, c)
-        out = torch.bmm((q * into).view(-1, c, f), s_in.view(-1, f, dv1))
-        out.baddbmm_(scores, v)
-        state = torch.exp(c * lam[:, 0]) * s_in[:, -1] + kv.view(bh, nb, -1)[:, -1]
-        outs.append(out.view(bh, nb, c, dv1))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-    return out.reshape(b, h, 1, nc * c, dv1), state.reshape(s5.shape)
+    if ld.numel() == 1 and tokens == nb * c:
+        lc = ld.expand(c).cumsum(0)[None]  # [1, C]
+        total = lc[:, -1].expand(nb)
+    else:
+        ld = F.pad(ld.expand(tokens), (0, nb * c - tokens))
+        lc = ld.view(nb, c).cumsum(-1)
+        total = lc[:, -1]
+    tril = torch.ones(c, c, dtype=torch.bool, device=ld.device).tril()
+    intra = torch.exp((lc[:, :, None] - lc[:, None, :]).masked_fill(~tril, float("-inf")))
+    start = F.pad(total.cumsum(0), (1, 0))  # decay before chunk c, c = 0..nb
+    gap = start[:, None] - start[None, 1:]  # entry of chunk c <- end of chunk c'
+    lower = torch.ones(nb + 1, nb, dtype=torch.bool, device=ld.device).tril(-1)
+    chunk_w = torch.exp(gap.masked_fill(~lower, float("-inf")))
+    return intra, torch.exp(lc), torch.exp(lc[:, -1:] - lc), chunk_w, torch.exp(start)
+
+
+def _scan_blocks(q, k, v, s, z, *, chunk, feature_map, log_decay):
+    """The chunked causal scan (Nq == Nk): one (batch, kv head) at a time, in blocks of tokens.
+
+    q [B, H, G, N, *] (G query heads per state), k [B, H, N, *], v [B, H, N, Dv];
+    ``feature_map(x, query=...)`` turns a block of raw q or k into features [..., F] (None:
+    they already are features). State s [B, H, F, Dv], normaliser z [B, H, F] or None
+    (unnormalised). log_decay None or [B|1, H|1, N|1] (log g_t <= 0).
+
+    Inside a chunk of C tokens the masked C x C product; across the chunks of a block
+    their states by one [nb + 1, nb] (decayed) prefix-sum matrix product; across blocks the
+    running state. The normaliser rides along as a column of ones appended to v (the
+    state's last column is then z). One head's rows are contiguous, so a block of them is a
+    view, not a copy; a block's largest intermediate holds about ``_BLOCK_ELEMENTS``
+    floats, so temporaries stay small enough to be reused by the allocator, and nothing of
+    size N x N is built. Returns out [B, H, G, N, Dv] (normalised) and the final (s, z).
+    """
+    b, h, g, n, _ = q.shape
+    dv, f = v.shape[-1], s.shape[-2]
+    c, acc = max(1, min(chunk, n)), s.dtype
+    normalize = z is not None
+    width = -(-(dv + 1) // 8) * 8 if normalize else dv  # v, its ones column, zero padding
+    block = max(c, (_BLOCK_ELEMENTS // (g * max(c, f, width))) // c * c)
+    out = torch.empty(b, h, g, n, dv, dtype=acc, device=q.device)
+    final = torch.empty(b, h, f, width, dtype=acc, device=q.device)
+    v_buffer = None  # v with its ones column (and zero padding) for a block of tokens
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, s))
+    if normalize and not grad:
+        v_buffer = torch.zeros(min(block, -(-n // c) * c), width, dtype=acc, device=q.device)
+        v_buffer[:, dv] = 1.0
+    cache: dict[tuple, tuple] = {}  # per-shape constants: prefix matrices, constant decays
+    for bi in range(b):
+        for hi in range(h):
+            state = torch.zeros(f, width, dtype=acc, device=q.device)
+            state[:, :dv] = s[bi, hi]
+            if normalize:
+                state[:, dv] = z[bi, hi]
+            for t0 in range(0, n, block):
+                t1 = min(t0 + block, n)
+                nb = -(-(t1 - t0) // c)
+                pad = nb * c - (t1 - t0)
+                fq, fk = q[bi, hi, :, t0:t1].to(acc), k[bi, hi, t0:t1].to(acc)
+                if feature_map is not None:
+                    fq, fk = feature_map(fq, query=True), feature_map(fk, query=False)
+                if v_buffer is not None:  # no autograd: one buffer, refilled
+                    v_buffer[: t1 - t0, :dv] = v[bi, hi, t0:t1]
+                    vb = v_buffer[: nb * c]
+                else:
+                    vb = v[bi, hi, t0:t1].to(acc)
+                    if pad or width != dv:
+                        vb = F.pad(vb, (0, width - dv, 0, pad))
+                        if normalize:
+                            vb[:, dv] = 1.0  # padded rows too: their keys' features are zero
+                if pad:
+                    fq, fk = F.pad(fq, (0, 0, 0, pad)), F.pad(fk, (0, 0, 0, pad))
+                fq = fq.reshape(g, nb, c, f).transpose(0, 1).reshape(nb, g * c, f)
+                fk, vb = fk.reshape(nb, c, f), vb.reshape(nb, c, width)
+                if log_decay is None:
+                    if ("prefix", nb) not in cache:
+                        ones = torch.ones(nb + 1, nb, dtype=acc, device=q.device)
+                        cache["prefix", nb] = (ones.tril_(-1),)
+                    (chunk_w,) = cache["prefix", nb]
+                    q_in, fk_out, start = fq, fk, None
+                else:
+                    lb = min(bi, log_decay.shape[0] - 1)
+                    lh = min(hi, log_decay.shape[1] - 1)
+                    if log_decay.shape[-1] > 1:
+                        weights = _decay_factors(log_decay[lb, lh, t0:t1], nb, c, t1 - t0)
+                    else:
+                        key = ("decay", lb, lh, nb, pad)
+                        if key not in cache:
+                            cache[key] = _decay_factors(log_decay[lb, lh], nb, c, t1 - t0)
+                        weights = cache[key]
+                    intra, into, out_of, chunk_w, start = weights
+                    fk_out = fk * out_of[..., None]
+                    q_in = (fq.view(nb, g, c, f) * into[:, None, :, None]).view(nb, g * c, f)
+                kv = torch.bmm(fk_out.transpose(1, 2), vb).view(nb, f * width)
+                states = torch.mm(chunk_w, kv)  # [nb + 1, F*W]: entering each chunk, the end
+                if start is None:
+                    states += state.view(1, -1)
+                else:
+                    states.addmm_(start[:, None], state.view(1, -1))
+                scores = torch.bmm(fq, fk.transpose(1, 2))  # [nb, G*C, C]
+                if log_decay is None:
+                    scores.view(-1, c, c).tril_()
+                else:
+                    scores.view(nb, g, c, c).mul_(intra[:, None])
+                o = torch.bmm(scores, vb)
+                o.baddbmm_(q_in, states[:nb].view(nb, f, width))
+                state = states[nb].view(f, width)
+                o = o.view(nb, g, c, width).transpose(0, 1).reshape(g, nb * c, width)
+                o = o[:, : t1 - t0]
+                if normalize:
+                    den = o[..., dv : dv + 1].clamp_min(torch.finfo(acc).tiny)
+                    out[bi, hi, :, t0:t1] = o[..., :dv] / den  # a row that sees nothing: 0
+                else:
+                    out[bi, hi, :, t0:t1] = o
+            final[bi, hi] = state
+    return out, final[..., :dv], (final[..., dv] if normalize else None)
 
 
 def _recurrent(fq5, fk5, v5, log_decay, s5):
@@ -354,6 +345,14 @@ def _recurrent(fq5, fk5, v5, log_decay, s5):
     return torch.cat(outs, dim=-2), s5
 
 
+def _features(fq, fk, feature_map):
+    """Apply ``feature_map`` (if any) to whole q and k, in the accumulation dtype."""
+    if feature_map is None:
+        return fq, fk
+    acc = acc_dtype(fq)
+    return feature_map(fq.to(acc), query=True), feature_map(fk.to(acc), query=False)
+
+
 def causal_scan(
     fq: torch.Tensor,
     fk: torch.Tensor,
@@ -364,30 +363,62 @@ def causal_scan(
     chunk: int | None = None,
     log_decay: torch.Tensor | None = None,
     normalize: bool = True,
+    feature_map=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Causal linear attention of N new tokens after ``state`` (Nq == Nk == N).
 
     ``form``: "chunked" or "recurrent" (the decoding loop). ``log_decay``
     [B|1, H|1, N] is log g_t <= 0 of the per-step scalar decay ([B|1, H|1, 1]: the
-    same decay at every step, which the chunked form computes with one shared mask). Returns the
-    output [B, Hq, N, Dv] in float32 (float64 for float64 input) and the new
-    state (see :func:`init_state`; with a per-query-head decay the state has Hq heads).
+    same decay at every step, whose weights the chunked form builds once).
+    ``feature_map(x, query=...)``: when given, fq and fk are the raw queries and keys and
+    the chunked form maps them block by block (no full-length feature tensors). Returns
+    the output [B, Hq, N, Dv] in float32 (float64 for float64 input) and the new state
+    (see :func:`init_state`; with a per-query-head decay the state has Hq heads).
     """
     if fq.shape[-2] != fk.shape[-2]:
         raise ValueError("causal_scan: expected as many queries as keys; use linear_attention")
-    hq = fq.shape[1]
-    fq5, fk5, v5, ld = _layout(fq, fk, v, log_decay, normalize)
-    b, h = fk5.shape[:2]
-    if state is None:
-        s5 = torch.zeros(b, h, 1, fq5.shape[-1], v5.shape[-1], dtype=fq5.dtype, device=fq.device)
-    else:
-        s5 = _state_in(state, normalize, fq5.dtype)
     if form == "recurrent":
+        fq, fk = _features(fq, fk, feature_map)
+        hq = fq.shape[1]
+        fq5, fk5, v5, ld = _layout(fq, fk, v, log_decay, normalize)
+        if state is None:
+            s5 = fq5.new_zeros(*fk5.shape[:2], 1, fq5.shape[-1], v5.shape[-1])
+        else:
+            s5 = _state_in(state, normalize, fq5.dtype)
         out5, s5 = _recurrent(fq5, fk5, v5, ld, s5)
+        return _finish(out5, normalize, hq), _state_out(s5, normalize)
+    acc = acc_dtype(fq)
+    b, hq, n, _ = fq.shape
+    hk = fk.shape[1]
+    if log_decay is not None:
+        log_decay = log_decay.to(acc)
+        if log_decay.dim() != 3:
+            raise ValueError("log_decay: expected [B|1, H|1, N]")
+        if log_decay.shape[1] not in (1, hk):  # a decay per query head: a state per query head
+            fk = fk.repeat_interleave(hq // hk, dim=1)
+            v = v.repeat_interleave(hq // hk, dim=1)
+            hk = hq
+    if feature_map is None:
+        f = fq.shape[-1]
     else:
-        chunk = chunk or choose_chunk(fq.shape[-2], fq.shape[-1], decay=ld is not None)
-        out5, s5 = _chunked(fq5, fk5, v5, ld, s5, chunk)
-    return _finish(out5, normalize, hq), _state_out(s5, normalize)
+        f = feature_map(fq[:, :1, :1].to(acc), query=True).shape[-1]
+    if state is None:
+        s = torch.zeros(b, hk, f, v.shape[-1], dtype=acc, device=fq.device)
+        z = torch.zeros(b, hk, f, dtype=acc, device=fq.device) if normalize else None
+    else:
+        s, z = state["S"].to(acc), (state["z"].to(acc) if normalize else None)
+    chunk = chunk or choose_chunk(n, f, decay=log_decay is not None)
+    out, s, z = _scan_blocks(
+        fq.reshape(b, hk, hq // hk, n, fq.shape[-1]),
+        fk,
+        v,
+        s,
+        z,
+        chunk=chunk,
+        feature_map=feature_map,
+        log_decay=log_decay,
+    )
+    return out.reshape(b, hq, n, -1), ({"S": s, "z": z} if normalize else {"S": s})
 
 
 def linear_attention(
@@ -402,6 +433,7 @@ def linear_attention(
     normalize: bool = True,
     mask: torch.Tensor | None = None,
     offset: int | None = None,
+    feature_map=None,
 ) -> torch.Tensor:
     """Linear attention of features fq [B, Hq, Nq, F] over fk [B, Hkv, Nk, F], v [B, Hkv, Nk, Dv].
 
@@ -409,13 +441,26 @@ def linear_attention(
     Nk - Nq, the bottom-right alignment). ``form``: "parallel" (masked matrix,
     also the only form that takes an arbitrary bool ``mask`` [B|1, Hq|1, Nq|1, Nk]),
     "chunked" or "recurrent"; non-causal attention without a mask is the
-    single state ``fk^T v`` in every form but "parallel". Returns float32
+    single state ``fk^T v`` in every form but "parallel". With ``feature_map`` fq and fk
+    are raw queries and keys (see :func:`causal_scan`). Returns float32
     (float64 for float64 input), [B, Hq, Nq, Dv]; rows with nothing to attend give zeros.
     """
     nq, nk = fq.shape[-2], fk.shape[-2]
     offset = nk - nq if offset is None else offset
     if log_decay is not None and (offset != 0 or nq != nk):
         raise ValueError("linear_attention: a decay needs aligned queries and keys (Nq == Nk)")
+    if causal and form == "chunked" and mask is None and offset == 0 and nq == nk:
+        out, _ = causal_scan(
+            fq,
+            fk,
+            v,
+            chunk=chunk,
+            log_decay=log_decay,
+            normalize=normalize,
+            feature_map=feature_map,
+        )
+        return out
+    fq, fk = _features(fq, fk, feature_map)
     if form == "parallel" or mask is not None:
         fq5, fk5, v5, ld = _layout(fq, fk, v, log_decay, normalize)
         return _finish(_parallel(fq5, fk5, v5, ld, causal, offset, mask), normalize, fq.shape[1])

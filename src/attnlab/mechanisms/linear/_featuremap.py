@@ -60,6 +60,9 @@ class FeatureMapAttention(Mechanism):
     forms: ClassVar[tuple[str, ...]] = FORMS
     tiny_config: ClassVar[dict] = {"chunk": 5}
     normalize: ClassVar[bool] = True
+    # phi(x) of a token depends on that token alone, so it may be applied to any block of
+    # tokens (False when a feature map normalises over the sequence, as Performer's keys do)
+    token_features: ClassVar[bool] = True
 
     def feature_dim(self, head_dim: int) -> int:
         """F, the number of features for head dim D."""
@@ -72,10 +75,18 @@ class FeatureMapAttention(Mechanism):
         )
 
     def _attend(self, q, k, v, *, causal, mask, scale, form):
-        fq, fk = self._phi(q, k, scale)
-        if mask is not None and mask.shape[-2] == 1 and mask.shape[1] == 1:
-            fk = fk * mask[:, :, 0, :, None].to(fk.dtype)  # padding: the key leaves every sum
-            mask = None
+        feature_map = None
+        if mask is None and self.token_features:  # the chunked scan maps q, k block by block
+            fq, fk = q, k
+
+            def feature_map(x, *, query):
+                return self.features(x, scale, query=query)
+
+        else:
+            fq, fk = self._phi(q, k, scale)
+            if mask is not None and mask.shape[-2] == 1 and mask.shape[1] == 1:
+                fk = fk * mask[:, :, 0, :, None].to(fk.dtype)  # padding: the key leaves every sum
+                mask = None
         return linear_attention(
             fq,
             fk,
@@ -85,6 +96,7 @@ class FeatureMapAttention(Mechanism):
             chunk=self.config.chunk,
             mask=mask,
             normalize=self.normalize,
+            feature_map=feature_map,
         )
 
     def forward(self, q, k, v, *, causal=False, mask=None, scale=None):

@@ -81,31 +81,40 @@ class Lightning(Mechanism):
             )
         return reasons
 
-    def _inputs(self, q, k, n):
+    def _log_decay(self, q):
+        """log lambda_h per query head, [1, Hq, 1] (the same decay at every step), or None."""
+        if not self.config.decay:
+            return None
+        return (-decay_slopes(q.shape[1], q.device, acc_dtype(q)))[None, :, None]
+
+    def _feature(self, x, *, query):
+        return FEATURES[self.config.feature](x)
+
+    def _inputs(self, q, k):
         acc = acc_dtype(q)
-        phi = FEATURES[self.config.feature]
-        log_decay = None
-        if self.config.decay:
-            slopes = decay_slopes(q.shape[1], q.device, acc)
-            log_decay = (-slopes)[None, :, None]  # the same decay at every step
-        return phi(q.to(acc)), phi(k.to(acc)), log_decay
+        return self._feature(q.to(acc), query=True), self._feature(k.to(acc), query=False)
 
     def _norm(self, out):
+        """NormAttention's RMS norm over the head dim, in place (out is the scan's own
+        float32 result): x / sqrt(mean(x²) + eps)."""
         if not self.config.norm:
             return out
-        return F.rms_norm(out, (out.shape[-1],), eps=self.config.eps)
+        if out.requires_grad:
+            return F.rms_norm(out, (out.shape[-1],), eps=self.config.eps)
+        ms = torch.linalg.vector_norm(out, dim=-1, keepdim=True).square_().div_(out.shape[-1])
+        return out.mul_(ms.add_(self.config.eps).rsqrt_())
 
     def _attend(self, q, k, v, form):
-        fq, fk, log_decay = self._inputs(q, k, q.shape[2])
         out = linear_attention(
-            fq,
-            fk,
+            q,
+            k,
             v,
             causal=True,
             form=form,
             chunk=self.config.chunk,
-            log_decay=log_decay,
+            log_decay=self._log_decay(q),
             normalize=False,
+            feature_map=self._feature,
         )
         return self._norm(out)
 
@@ -126,9 +135,9 @@ class Lightning(Mechanism):
         )
 
     def step(self, q, k, v, state, *, scale=None):
-        fq, fk, log_decay = self._inputs(q, k, q.shape[2])
+        fq, fk = self._inputs(q, k)
         out, state = causal_scan(
-            fq, fk, v, form="recurrent", state=state, log_decay=log_decay, normalize=False
+            fq, fk, v, form="recurrent", state=state, log_decay=self._log_decay(q), normalize=False
         )
         return self._norm(out).to(q.dtype), state
 

@@ -42,6 +42,7 @@ class Performer(SeededDraws, FeatureMapAttention):
         complexity="O(N·M·D)",
     )
     tiny_config: ClassVar[dict] = {"chunk": 5, "features": 16}
+    token_features: ClassVar[bool] = False  # keys share one stabiliser over the sequence
 
     @dataclass
     class Config:
