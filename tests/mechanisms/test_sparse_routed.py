@@ -226,3 +226,25 @@ def test_dhsa_chunks_respect_the_grid():
     assert (starts % 4 == 0).all()
     lengths = torch.diff(starts, append=torch.tensor([50]))
     assert (lengths <= 12).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("top_k", [2, 4])
+def test_moba_tiled_inference_path_matches_dense(monkeypatch, causal, top_k):
+    """The tiled inference path (causal sub-blocks of the own block, capped calls per
+    key block and head, gate in row chunks) equals the dense answer of its selection."""
+    import attnlab.mechanisms.sparse.moba as moba
+
+    monkeypatch.setattr(moba, "_OWN_TILE", 4)
+    monkeypatch.setattr(moba, "_CALL_ROWS", 3)
+    monkeypatch.setattr(moba, "_GATE_ROWS", 5)
+    q, k, v = rand(b=2, h=4, n=48)
+    k, v = k[:, :2], v[:, :2]  # grouped-query
+    assert moba.tiled_applies(q, k, v, block=8, mask=None)
+    sel = moba_select(q, k, block=8, top_k=top_k, causal=causal)
+    allowed = blocks_to_tokens(sel, 8, 48)
+    if causal:
+        allowed = allowed & causal_mask(48, 48)
+    got = attnlab.get("moba", block=8, top_k=top_k, form="auto")(q, k, v, causal=causal)
+    torch.testing.assert_close(got, dense(q, k, v, allowed))
+    assert not moba.tiled_applies(q.requires_grad_(), k, v, block=8, mask=None)

@@ -21,6 +21,19 @@ from attnlab.core.mechanism import KVCacheDecode
 
 from ._routed import NEG_INF, pool_blocks, token_block_attention
 
+# dtypes of the tiled inference path (the fused CPU flash kernel returns the
+# log-sum-exp in the same dtype, so partial results merge without a cast)
+TILED_DTYPES = (torch.float32, torch.float64)
+# queries per causal sub-block of the own key block in the tiled path: the fused
+# kernel computes a whole [queries, keys] tile, so a 512-query causal square costs
+# a full square; sub-blocks attending their prefix compute 5/8 of it
+_OWN_TILE = 128
+# most queries per call against one key block: longer lists take the kernel's
+# 256-query tiles, which split poorly over the cores (measured)
+_CALL_ROWS = 512
+# queries gated at a time in moba_select
+_GATE_ROWS = 2048
+
 FORMS = ("auto", "torch", "flex")
 
 
@@ -53,15 +66,134 @@ def moba_select(q, k, *, block: int, top_k: int, causal: bool) -> torch.Tensor:
     sel_own = own.view(1, 1, nq, 1).expand(b, h, nq, 1)
     if top_k == 1 or nkb == 1:
         return sel_own
+    n_other = min(top_k - 1, nkb - 1)
+    cols = torch.arange(nkb, device=q.device)
+    picks = []
     with torch.no_grad():
-        gate = q @ centroids.transpose(-1, -2)  # [B, H, Nq, nkb]
-        cols = torch.arange(nkb, device=q.device)
-        eligible = cols[None, :] < own[:, None] if causal else cols[None, :] != own[:, None]
-        gate = gate.masked_fill(~eligible, NEG_INF)
-        n_other = min(top_k - 1, nkb - 1)
-        val, idx = gate.topk(n_other, dim=-1, sorted=False)
-        idx = torch.where(torch.isinf(val), -1, idx)
+        # rows of queries at a time, so that the gate stays cache-sized
+        for q0 in range(0, nq, _GATE_ROWS):
+            q1 = min(q0 + _GATE_ROWS, nq)
+            gate = q[:, :, q0:q1] @ centroids.transpose(-1, -2)  # [B, H, rows, nkb]
+            mine = own[q0:q1, None]
+            gate.masked_fill_(cols >= mine if causal else cols == mine, NEG_INF)
+            if n_other == 1:
+                val, idx = gate.max(dim=-1, keepdim=True)
+            else:
+                val, idx = gate.topk(n_other, dim=-1, sorted=False)
+            picks.append(torch.where(torch.isinf(val), -1, idx))
+    idx = picks[0] if len(picks) == 1 else torch.cat(picks, dim=2)
     return torch.cat([sel_own, idx], dim=-1)
+
+
+def tiled_applies(q, k, v, *, block: int, mask) -> bool:
+    """Whether :func:`tiled_moba` takes these inputs: inference on CPU in float32 or
+    float64, no mask, Dv = D, as many queries as keys, whole blocks."""
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    n = q.shape[2]
+    return (
+        not grad
+        and mask is None
+        and q.device.type == "cpu"
+        and q.dtype in TILED_DTYPES
+        and v.shape[-1] == q.shape[-1]
+        and k.shape[2] == n
+        and n % block == 0
+    )
+
+
+def _causal_bias(rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Bias [1, 1, rows, cols]: row r sees columns c <= r + cols - rows (0, else -inf)."""
+    r = torch.arange(rows, device=device)[:, None]
+    c = torch.arange(cols, device=device)[None, :]
+    bias = torch.zeros(rows, cols, dtype=dtype, device=device)
+    return bias.masked_fill_(c > r + cols - rows, NEG_INF)[None, None]
+
+
+def tiled_moba(q, k, v, sel, *, block: int, scale: float, causal: bool) -> torch.Tensor:
+    """MoBA attention in torch's fused CPU flash kernel, tile by tile (inference).
+
+    Inputs as :func:`tiled_applies` accepts; ``sel`` from :func:`moba_select`
+    (slot 0 the own block). First every query attends its own key block,
+    all blocks in one batched call; under the causal rule the block is cut
+    into sub-blocks of ``_OWN_TILE`` queries, each attending only the prefix
+    of its block up to itself (the kernel would otherwise compute the whole
+    square). This gives the output and its log-sum-exp. Then, per key block
+    j and head, the queries that chose j as one of their other blocks are
+    gathered into calls of at most ``_CALL_ROWS`` queries against block j,
+    read in place (no key gather),
+    and merged into the output by log-sum-exp, all heads of j at once. A
+    query picks a block at most once, so its rows are unique within j.
+    """
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    b, h, n, d = q.shape
+    bh, nb = b * h, n // block
+    groups = h // k.shape[1]
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    qb, kb, vb = (x.reshape(bh, nb, block, d) for x in (q, k, v))
+    sub = _OWN_TILE if causal and block > _OWN_TILE and block % _OWN_TILE == 0 else block
+    if sub == block:
+        shape = (bh * nb, 1, block, d)
+        out, lse = flash(
+            q.reshape(shape), k.reshape(shape), v.reshape(shape), 0.0, causal, scale=scale
+        )
+        out, lse = out.reshape(bh * n, d), lse.reshape(bh * n)
+    else:
+        out = q.new_empty(bh, nb, block, d)
+        lse = q.new_empty(bh, nb, block)
+        for s0 in range(0, block, sub):
+            keys = slice(0, s0 + sub)
+            bias = _causal_bias(sub, s0 + sub, q.dtype, q.device) if s0 else None
+            o, lse_s = flash(
+                qb[:, :, s0 : s0 + sub],
+                kb[:, :, keys],
+                vb[:, :, keys],
+                0.0,
+                s0 == 0,
+                attn_mask=bias,
+                scale=scale,
+            )
+            out[:, :, s0 : s0 + sub].copy_(o)
+            lse[:, :, s0 : s0 + sub].copy_(lse_s)
+        out, lse = out.view(bh * n, d), lse.view(bh * n)
+    other = sel[..., 1:]
+    valid = other >= 0
+    if not bool(valid.any()):
+        return out.view(b, h, n, d)
+    rows = torch.arange(bh * n, device=q.device).view(b, h, n, 1).expand_as(other)[valid]
+    chosen = other[valid]
+    # sorted by (key block, head, query): each (block, head) list is one call
+    order = (chosen * (bh * n) + rows).argsort()
+    rows, chosen = rows[order], chosen[order]
+    counts = torch.bincount(chosen * bh + rows // n, minlength=nb * bh).view(nb, bh)
+    per_block = counts.sum(dim=1).tolist()
+    counts = counts.tolist()
+    q_flat = q.reshape(bh * n, d)
+    start = 0
+    for j in range(nb):
+        if per_block[j] == 0:
+            continue
+        idx = rows[start : start + per_block[j]]
+        start += per_block[j]
+        qj = q_flat.index_select(0, idx)
+        parts, at = [], 0
+        for hh, count in enumerate(counts[j]):
+            kj, vj = kb[hh, j].view(1, 1, block, d), vb[hh, j].view(1, 1, block, d)
+            pieces = -(-count // _CALL_ROWS)
+            for p in range(pieces):
+                a0, a1 = at + p * count // pieces, at + (p + 1) * count // pieces
+                parts.append(flash(qj[a0:a1].view(1, 1, a1 - a0, d), kj, vj, scale=scale))
+            at += count
+        oj = torch.cat([o.reshape(-1, d) for o, _ in parts])
+        lj = torch.cat([lse_p.reshape(-1) for _, lse_p in parts])
+        l_old = lse.index_select(0, idx)
+        top = torch.maximum(l_old, lj)
+        w_old, w_new = (l_old - top).exp_(), (lj - top).exp_()
+        total = w_old + w_new
+        w_old, w_new = w_old.div_(total)[:, None], w_new.div_(total)[:, None]
+        merged = out.index_select(0, idx).mul_(w_old).addcmul_(oj, w_new)
+        out.index_copy_(0, idx, merged)
+        lse.index_copy_(0, idx, top.add_(total.log_()))
+    return out.view(b, h, n, d)
 
 
 def selection_layout(sel: torch.Tensor, nq: int, nk: int, block: int, causal: bool) -> BlockLayout:
@@ -110,7 +242,11 @@ class MoBA(KVCacheDecode, Mechanism):
     (its backward, given the merged log-sum-exp, yields the exact gradient),
     so it is both the fast and a trainable path; on other devices, dtypes or
     Dv != D it falls back to ``"torch"``: the same tiles in plain PyTorch ops
-    (trainable by autograd). ``"flex"`` runs FlexAttention over the union of
+    (trainable by autograd). Without gradients, on CPU in float32/float64,
+    with no mask and whole blocks of as many queries as keys, ``"auto"``
+    takes :func:`tiled_moba` instead (own blocks in one call, the other
+    blocks' queries gathered per key block and merged by log-sum-exp; no
+    key gather, no padding tiles). ``"flex"`` runs FlexAttention over the union of
     the blocks each query block chose, with a per-token rule (inference only;
     compiled per shape, slower than ``"auto"`` on CPU).
     """
@@ -151,6 +287,8 @@ class MoBA(KVCacheDecode, Mechanism):
         if cfg.form == "flex":
             layout = selection_layout(sel, q.shape[2], k.shape[2], cfg.block, causal)
             return flex_block_attention(q, k, v, layout, scale=scale, mask=mask)
+        if cfg.form == "auto" and tiled_applies(q, k, v, block=cfg.block, mask=mask):
+            return tiled_moba(q, k, v, sel, block=cfg.block, scale=scale, causal=causal)
         out = token_block_attention(
             q,
             k,
