@@ -238,6 +238,7 @@ def test_moba_tiled_inference_path_matches_dense(monkeypatch, causal, top_k):
     monkeypatch.setattr(moba, "_OWN_TILE", 4)
     monkeypatch.setattr(moba, "_CALL_ROWS", 3)
     monkeypatch.setattr(moba, "_GATE_ROWS", 5)
+    monkeypatch.setattr(moba, "_OWN_ROWS", 1)
     q, k, v = rand(b=2, h=4, n=48)
     k, v = k[:, :2], v[:, :2]  # grouped-query
     assert moba.tiled_applies(q, k, v, block=8, mask=None)

@@ -31,6 +31,8 @@ _OWN_TILE = 128
 # most queries per call against one key block: longer lists take the kernel's
 # 256-query tiles, which split poorly over the cores (measured)
 _CALL_ROWS = 512
+# query rows per piece when whole blocks attend themselves (temporaries of a few MiB)
+_OWN_ROWS = 1 << 15
 # queries gated at a time in moba_select
 _GATE_ROWS = 2048
 
@@ -113,16 +115,17 @@ def tiled_moba(q, k, v, sel, *, block: int, scale: float, causal: bool) -> torch
     """MoBA attention in torch's fused CPU flash kernel, tile by tile (inference).
 
     Inputs as :func:`tiled_applies` accepts; ``sel`` from :func:`moba_select`
-    (slot 0 the own block). First every query attends its own key block,
-    all blocks in one batched call; under the causal rule the block is cut
-    into sub-blocks of ``_OWN_TILE`` queries, each attending only the prefix
-    of its block up to itself (the kernel would otherwise compute the whole
-    square). This gives the output and its log-sum-exp. Then, per key block
-    j and head, the queries that chose j as one of their other blocks are
-    gathered into calls of at most ``_CALL_ROWS`` queries against block j,
-    read in place (no key gather),
-    and merged into the output by log-sum-exp, all heads of j at once. A
-    query picks a block at most once, so its rows are unique within j.
+    (slot 0 the own block). First the other blocks: for each slot, key block
+    j and head, the queries that chose j in that slot are gathered into
+    calls of at most ``_CALL_ROWS`` queries against block j, read in place
+    (no key gather); results and log-sum-exps land in per-slot buffers in
+    query order (a query has one block per slot, so rows never collide).
+    Then every query attends its own key block, all blocks batched in one
+    call per piece; under the causal rule the block is cut into sub-blocks
+    of ``_OWN_TILE`` queries, each attending only the prefix of its block up
+    to itself (the kernel would otherwise compute the whole square). Each
+    piece is merged with the slots' results by log-sum-exp straight into
+    the output.
     """
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     b, h, n, d = q.shape
@@ -130,69 +133,71 @@ def tiled_moba(q, k, v, sel, *, block: int, scale: float, causal: bool) -> torch
     groups = h // k.shape[1]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     qb, kb, vb = (x.reshape(bh, nb, block, d) for x in (q, k, v))
+    other = sel[..., 1:].reshape(bh * n, -1).t()  # [slots, B*H*Nq]
+    slots = other.shape[0]
+    o2 = q.new_zeros(slots, bh * n, d)
+    l2 = q.new_full((slots, bh * n), NEG_INF)
+    valid = other >= 0
+    if slots and bool(valid.any()):
+        slot, rows = valid.nonzero(as_tuple=True)
+        chosen = other[slot, rows]
+        # sorted by (slot, key block, head, query): each (slot, block, head) list is one call
+        segment = slot * nb + chosen
+        order = (segment * (bh * n) + rows).argsort()
+        rows, segment = rows[order], segment[order]
+        counts = torch.bincount(segment * bh + rows // n, minlength=slots * nb * bh)
+        counts = counts.view(slots * nb, bh).tolist()
+        q_flat = q.reshape(bh * n, d)
+        start = 0
+        for seg, per_head in enumerate(counts):
+            total = sum(per_head)
+            if total == 0:
+                continue
+            s, j = divmod(seg, nb)
+            idx = rows[start : start + total]
+            start += total
+            qj = q_flat.index_select(0, idx)
+            at = 0
+            for hh, count in enumerate(per_head):
+                kj, vj = kb[hh, j].view(1, 1, block, d), vb[hh, j].view(1, 1, block, d)
+                pieces = -(-count // _CALL_ROWS)
+                for p in range(pieces):
+                    a0, a1 = at + p * count // pieces, at + (p + 1) * count // pieces
+                    o, lse = flash(qj[a0:a1].view(1, 1, a1 - a0, d), kj, vj, scale=scale)
+                    o2[s].index_copy_(0, idx[a0:a1], o.view(a1 - a0, d))
+                    l2[s].index_copy_(0, idx[a0:a1], lse.view(a1 - a0))
+                at += count
+    o2, l2 = o2.view(slots, bh, nb, block, d), l2.view(slots, bh, nb, block)
+    out = q.new_empty(bh, nb, block, d)
     sub = _OWN_TILE if causal and block > _OWN_TILE and block % _OWN_TILE == 0 else block
-    if sub == block:
-        shape = (bh * nb, 1, block, d)
-        out, lse = flash(
-            q.reshape(shape), k.reshape(shape), v.reshape(shape), 0.0, causal, scale=scale
-        )
-        out, lse = out.reshape(bh * n, d), lse.reshape(bh * n)
-    else:
-        out = q.new_empty(bh, nb, block, d)
-        lse = q.new_empty(bh, nb, block)
+    step = nb if sub < block else max(1, _OWN_ROWS // (bh * block))
+    for m0 in range(0, nb, step):
+        ms = slice(m0, min(m0 + step, nb))
         for s0 in range(0, block, sub):
-            keys = slice(0, s0 + sub)
-            bias = _causal_bias(sub, s0 + sub, q.dtype, q.device) if s0 else None
-            o, lse_s = flash(
-                qb[:, :, s0 : s0 + sub],
-                kb[:, :, keys],
-                vb[:, :, keys],
+            rs, keys = slice(s0, s0 + sub), slice(0, s0 + sub if causal else block)
+            bias = None
+            if causal and s0:
+                bias = _causal_bias(sub, s0 + sub, q.dtype, q.device)
+            o1, l1 = flash(
+                qb[:, ms, rs],
+                kb[:, ms, keys],
+                vb[:, ms, keys],
                 0.0,
-                s0 == 0,
+                causal and s0 == 0,
                 attn_mask=bias,
                 scale=scale,
             )
-            out[:, :, s0 : s0 + sub].copy_(o)
-            lse[:, :, s0 : s0 + sub].copy_(lse_s)
-        out, lse = out.view(bh * n, d), lse.view(bh * n)
-    other = sel[..., 1:]
-    valid = other >= 0
-    if not bool(valid.any()):
-        return out.view(b, h, n, d)
-    rows = torch.arange(bh * n, device=q.device).view(b, h, n, 1).expand_as(other)[valid]
-    chosen = other[valid]
-    # sorted by (key block, head, query): each (block, head) list is one call
-    order = (chosen * (bh * n) + rows).argsort()
-    rows, chosen = rows[order], chosen[order]
-    counts = torch.bincount(chosen * bh + rows // n, minlength=nb * bh).view(nb, bh)
-    per_block = counts.sum(dim=1).tolist()
-    counts = counts.tolist()
-    q_flat = q.reshape(bh * n, d)
-    start = 0
-    for j in range(nb):
-        if per_block[j] == 0:
-            continue
-        idx = rows[start : start + per_block[j]]
-        start += per_block[j]
-        qj = q_flat.index_select(0, idx)
-        parts, at = [], 0
-        for hh, count in enumerate(counts[j]):
-            kj, vj = kb[hh, j].view(1, 1, block, d), vb[hh, j].view(1, 1, block, d)
-            pieces = -(-count // _CALL_ROWS)
-            for p in range(pieces):
-                a0, a1 = at + p * count // pieces, at + (p + 1) * count // pieces
-                parts.append(flash(qj[a0:a1].view(1, 1, a1 - a0, d), kj, vj, scale=scale))
-            at += count
-        oj = torch.cat([o.reshape(-1, d) for o, _ in parts])
-        lj = torch.cat([lse_p.reshape(-1) for _, lse_p in parts])
-        l_old = lse.index_select(0, idx)
-        top = torch.maximum(l_old, lj)
-        w_old, w_new = (l_old - top).exp_(), (lj - top).exp_()
-        total = w_old + w_new
-        w_old, w_new = w_old.div_(total)[:, None], w_new.div_(total)[:, None]
-        merged = out.index_select(0, idx).mul_(w_old).addcmul_(oj, w_new)
-        out.index_copy_(0, idx, merged)
-        lse.index_copy_(0, idx, top.add_(total.log_()))
+            target = out[:, ms, rs]
+            if slots == 0:
+                target.copy_(o1)
+                continue
+            lo = l2[:, :, ms, rs]
+            top = torch.maximum(l1, lo.amax(dim=0))
+            w1, wo = (l1 - top).exp_(), (lo - top).exp_()
+            total = w1 + wo.sum(dim=0)
+            torch.mul(o1, w1.div_(total)[..., None], out=target)
+            for s in range(slots):
+                target.addcmul_(o2[s, :, ms, rs], wo[s].div_(total)[..., None])
     return out.view(b, h, n, d)
 
 
