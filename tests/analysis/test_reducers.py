@@ -124,9 +124,51 @@ def test_future_attention_influence_finds_the_anchor_token():
     rows = analyse_maps(maps, [FutureInfluence()])
     peak = next(r for r in rows if r["metric"] == "fai_peak" and r["head"] == 0)
     assert peak["position"] == 7 and peak["value"] == pytest.approx(1.0)
-    # uniform rows: the first token gets 1/(t+1) from each later row t
-    expected = sum(1 / (t + 1) for t in range(1, N)) / (N - 1)
+    # uniform rows: the first token gets 1/(t+1) from each row t in its horizon 10..100
+    expected = sum(1 / (t + 1) for t in range(10, N)) / (N - 10)
     assert value(rows, "fai_first", head=1) == pytest.approx(expected)
+
+
+def test_fai_counts_only_the_horizon_and_averages_the_global_heads():
+    # head 0 looks 3 back (inside no horizon 10..100), head 1 at token 7, head 2 at token 0
+    maps = [stack_heads(shifted_diagonal(N, 3), to_position(N, 7), to_position(N, 0))]
+    fi = FutureInfluence(quantile=0.34)  # one head of three: the farthest-looking
+    rows = analyse_maps(maps, [fi])
+    assert value(rows, "fai_peak", head=0) == pytest.approx(0.0)
+    # the global head is head 2 (mean distance ~N/2): its anchor is token 0
+    assert float(fi.fai[0]) == pytest.approx(1.0) and torch.isnan(fi.fai[-1])
+    anchors = [r for r in rows if r["metric"] == "fai_anchor"]
+    assert anchors and anchors[0]["layer"] is None and anchors[0]["rank"] == 0
+    fi = FutureInfluence(h_lo=1, h_hi=5, quantile=0.34)
+    analyse_maps(maps, [fi])
+    # token s gets weight 1 from row s + 3 of head 0 only: FAI 1/5 per head
+    assert float(fi.fai_heads[0, 0, 10]) == pytest.approx(1 / 5)
+
+
+def test_waad_series_of_the_local_heads():
+    maps = [stack_heads(shifted_diagonal(N, 2), to_position(N, 0), causal_uniform(N))]
+    dist = AttentionDistance(window=10, quantile=0.34)
+    rows = analyse_maps(maps, [dist], block=7)
+    groups = {r["head"]: r["group"] for r in rows if r["metric"] == "mean_distance"}
+    assert groups == {0: "local", 1: "global", 2: None}
+    # the local head looks exactly 2 back from row 2 on
+    assert torch.allclose(dist.waad[2:], torch.full((N - 2,), 2.0, dtype=torch.float64))
+    assert float(dist.waad_heads[0, 1, 30]) == pytest.approx(10.0)
+
+
+def test_distances_without_a_causal_mask():
+    n = 12
+    full = torch.softmax(torch.randn(1, 2, n, n), -1)
+    i = torch.arange(n, dtype=torch.float32)
+    d = i[:, None] - i[None, :]
+    for block in (None, 5):
+        rows = analyse_maps([full], [AttentionDistance(window=3)], causal=False, block=block)
+        for h in range(2):
+            p = full[0, h, 1:]
+            mean_d = float((p * d[1:].abs()).sum(-1).mean())
+            waad = float((p * d[1:].clamp(0, 3)).sum(-1).mean())
+            assert value(rows, "mean_distance", head=h) == pytest.approx(mean_d, rel=1e-5)
+            assert value(rows, "waad", head=h) == pytest.approx(waad, rel=1e-5)
 
 
 @pytest.mark.parametrize("block", [1, 7, 16])
@@ -164,3 +206,31 @@ def test_uniform_and_local_attention_have_no_sinks():
     sinks = [r for r in rows if r["metric"] == "sink"]
     assert sinks and not any(r["is_sink"] for r in sinks)
     assert all(r["ratio"] < 2 for r in sinks)
+
+
+@pytest.mark.parametrize("causal,masked", [(True, False), (True, True), (False, True)])
+def test_entropy_from_the_scores_equals_minus_p_log_p(causal, masked):
+    from attnlab.analysis._stream import row_entropy
+    from attnlab.models.capture import attention_blocks
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 6, 30, 8, generator=g) * 2, torch.randn(2, 3, 30, 8, generator=g) * 2
+    mask = None
+    if masked:
+        mask = torch.rand(2, 1, 30, 30, generator=g) > 0.5
+        mask[0, :, 3] = False  # a row that sees nothing
+    for _, _, _, p, s in attention_blocks(q, k, causal=causal, mask=mask, scale=0.3, block=5):
+        h, alive = row_entropy(p, s)
+        h_ref, alive_ref = row_entropy(p)
+        assert torch.equal(alive, alive_ref)
+        torch.testing.assert_close(h, h_ref, rtol=0, atol=2e-5)
+        p64 = p.double()
+        exact = -(p64 * p64.clamp_min(1e-300).log()).sum(-1)
+        torch.testing.assert_close(h.double(), exact, rtol=0, atol=2e-5)
+
+
+def test_row_dot_with_a_remainder_of_rows():
+    from attnlab.analysis._stream import _row_dot
+
+    a, b = torch.randn(1, 3, 7, 50), torch.randn(1, 3, 7, 50)
+    torch.testing.assert_close(_row_dot(a, b), (a * b).sum(-1), rtol=1e-5, atol=1e-5)

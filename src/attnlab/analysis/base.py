@@ -44,6 +44,8 @@ class Analysis(ABC):
 
     name: ClassVar[str]
     needs_hidden_states: ClassVar[bool] = False
+    # True: ``update`` also takes ``logits=`` (None where no scores exist, e.g. maps)
+    uses_logits: ClassVar[bool] = False
 
     def begin(self, info: CaptureInfo) -> None:
         """Called once before the forward pass."""
@@ -58,7 +60,14 @@ class Analysis(ABC):
         ``layer``, masked and normalised (each row sums to 1, or is all zero if
         it sees nothing). K <= Nk: in a causal layer the keys past K get zero
         weight from every row of the block and are left out; otherwise K = Nk.
-        The tensor is only valid during the call: copy what you keep.
+        The tensor is only valid during the call: copy what you keep, and
+        write nothing into it.
+
+        An analysis with ``uses_logits = True`` is called as
+        ``update(layer, probs, rows, logits=...)``: ``logits`` (same shape, read
+        only) are the scaled scores whose softmax ``probs`` is, with float32's
+        lowest finite value where a key is hidden or masked, or None when the
+        capture has none (maps analysed offline, weights changed by an edit).
         """
 
     @abstractmethod

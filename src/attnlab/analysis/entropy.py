@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ._stream import PerHead, query_positions
+from ._stream import PerHead, query_positions, row_entropy
 from .base import Analysis, CaptureInfo
 
 
@@ -25,27 +25,30 @@ class Entropy(Analysis):
       positions and lengths (as in the head surveys of Clark et al. 2019,
       "What Does BERT Look At?", arXiv:1906.04341, and Vig & Belinkov 2019).
 
-    Rows that see nothing (all-zero weights, e.g. padding) are left out.
+    Rows that see nothing (all-zero weights, e.g. padding) are left out. In a
+    capture the entropy comes from the scores, ``H_i = lse_i - sum_j p_ij s_ij``
+    (the same quantity without a logarithm over the block).
     """
 
     name = "entropy"
+    uses_logits = True
 
     def begin(self, info: CaptureInfo) -> None:
         super().begin(info)
         self.acc = PerHead(info.n_layers, info.n_heads, "entropy")
         self.norm = PerHead(info.n_layers, info.n_heads, "normalized_entropy")
 
-    def update(self, layer: int, probs: torch.Tensor, rows: slice) -> None:
-        p = probs.float()
-        h = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)  # [B, H, r]
-        alive = p.sum(-1) > 0.5  # rows that see at least one key
-        n_keys = p.shape[-1]
-        pos = query_positions(rows, p.shape[-2], p.device)
+    def update(
+        self, layer: int, probs: torch.Tensor, rows: slice, logits: torch.Tensor | None = None
+    ) -> None:
+        h, alive = row_entropy(probs, logits)  # [B, H, r]
+        n_keys = probs.shape[-1]
+        pos = query_positions(rows, probs.shape[-2], probs.device)
         n_vis = (pos + 1).clamp(max=n_keys) if self.info.causal else torch.full_like(pos, n_keys)
         log_n = torch.log(n_vis.to(torch.float32))
         wide = (n_vis >= 2)[None, None, :] & alive
         self.acc.add(layer, alive.sum((0, 2)).to(torch.float64), entropy=(h * alive).sum((0, 2)))
-        hn = torch.where(wide, h / log_n.clamp_min(1e-12), torch.zeros_like(h))
+        hn = torch.where(wide, h / log_n.clamp_min(1e-12), 0.0)
         self.norm.add(layer, wide.sum((0, 2)).to(torch.float64), normalized_entropy=hn.sum((0, 2)))
 
     def finish(self) -> list[dict[str, Any]]:

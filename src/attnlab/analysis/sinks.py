@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ._stream import query_positions
+from ._stream import column_sums
 from .base import Analysis, CaptureInfo
 
 
@@ -83,10 +83,11 @@ class Sinks(Analysis):
             if self.received is not None:
                 grown[..., : self.received.shape[-1]] = self.received
             self.received = grown
-        keep = query_positions(rows, r, probs.device) >= self.skip_rows
-        if not bool(keep.any()):
+        start = 0 if rows.start is None else rows.start
+        cut = max(0, self.skip_rows - start)  # rows are consecutive positions
+        if cut >= r:
             return
-        s = probs[:, :, keep].float().sum((0, 2))  # [H, Nk]
+        s = column_sums(probs[:, :, cut:])  # [H, Nk]
         self.received[layer, :, :nk] += s.to(torch.float64).cpu()
 
     def _observers(self, n: int) -> torch.Tensor:

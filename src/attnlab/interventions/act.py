@@ -61,7 +61,7 @@ class SinkCalibration(Edit):
         nk = k.shape[2]
         colsum = torch.zeros(b, hq, nk, device=q.device)
         block = default_block(b, hq, nk)
-        for _, _, kend, p in attention_blocks(
+        for _, _, kend, p, _ in attention_blocks(
             q, k, causal=causal, mask=mask, scale=scale, block=block
         ):
             colsum[..., :kend] += p.sum(dim=2)

@@ -6,9 +6,12 @@ rows at a time: the block's probabilities [B, Hq, rows, K] go to every
 :class:`~attnlab.analysis.Analysis` (``update``), then the block's output
 ``P @ V`` is written and the block is dropped. In a causal layer K is the
 number of keys the block's last row can see (the columns past K are zero for
-every row of the block and are not materialised); otherwise K = Nk. No layer's N x N map is kept and
-no list of layers' maps is built: peak memory is the model plus one block
-(``rows x Nk`` per head), whatever the number of layers.
+every row of the block and are not materialised); otherwise K = Nk. Analyses
+that set ``uses_logits`` also get the block's scaled scores (``logits=``), so a
+measure such as the row entropy needs no logarithm over the block. No layer's
+N x N map is kept and no list of layers' maps is built: peak memory is the model
+plus one block (``rows x Nk`` per head, probabilities and scores), whatever the
+number of layers.
 
 The same pass can keep the post-rotary queries, keys and values of chosen
 layers and heads (:func:`save_qk` writes them as safetensors), so benchmarks
@@ -37,8 +40,9 @@ BLOCK_ELEMENTS = 1 << 22
 
 
 def default_block(batch: int, heads: int, nk: int) -> int:
-    """Query rows per block: about 4M floats of probabilities per block, at least 64 rows."""
-    return max(64, BLOCK_ELEMENTS // max(1, batch * heads * nk))
+    """Query rows per block: about 4M floats of probabilities per block, at least 64 rows,
+    a multiple of 8 (whole SIMD-friendly row groups for the block's matrix products)."""
+    return max(64, BLOCK_ELEMENTS // max(1, batch * heads * nk)) // 8 * 8
 
 
 @dataclass
@@ -52,11 +56,16 @@ class Capture:
     progress: Any = None
 
 
-def _causal_tail(rows: int, kend: int, tail: int, first_row: int, device) -> torch.Tensor:
-    """Bool [rows, tail]: may query ``first_row + i`` (absolute) see key ``kend - tail + j``."""
+# what hidden keys score: finite, so `p * logit` is 0 (not NaN) where p == 0, and
+# exp(NEG - max) underflows to exactly 0 whenever a row sees any key
+NEG = torch.finfo(torch.float32).min
+
+
+def _causal_hidden(rows: int, kend: int, tail: int, first_row: int, device) -> torch.Tensor:
+    """Bool [rows, tail]: is key ``kend - tail + j`` after query ``first_row + i`` (absolute)."""
     q_pos = torch.arange(first_row, first_row + rows, device=device).unsqueeze(1)
     k_pos = torch.arange(kend - tail, kend, device=device).unsqueeze(0)
-    return k_pos <= q_pos
+    return k_pos > q_pos
 
 
 def attention_blocks(
@@ -67,20 +76,23 @@ def attention_blocks(
     mask: torch.Tensor | None,
     scale: float,
     block: int,
-) -> Iterator[tuple[int, int, int, torch.Tensor]]:
-    """Exact softmax probabilities by blocks of query rows: yields ``(r0, r1, kend, probs)``.
+) -> Iterator[tuple[int, int, int, torch.Tensor, torch.Tensor]]:
+    """Exact softmax by blocks of query rows: yields ``(r0, r1, kend, probs, logits)``.
 
     ``probs`` is float32 [B, Hq, r1 - r0, kend]: the attention of query rows
     ``r0:r1`` over keys ``0:kend`` (keys past ``kend`` are causally hidden from
-    every row of the block). Grouped-query heads are computed without repeating
-    keys (query head h reads key/value head h // (Hq / Hkv)). Rows that see no
-    key are zero.
+    every row of the block). ``logits`` (same shape) are the scaled scores the
+    softmax was taken of, with :data:`NEG` (float32's lowest finite value) where
+    a key is hidden or masked. Grouped-query heads are computed without
+    repeating keys (query head h reads key/value head h // (Hq / Hkv)). Rows that
+    see no key are zero. Both tensors are only valid until the next block.
     """
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     g = hq // hkv
     offset = nk - nq
     qf, kf = q.float() * scale, k.float()
+    triangle = None
     for r0 in range(0, nq, block):
         r1 = min(nq, r0 + block)
         rows = r1 - r0
@@ -89,23 +101,32 @@ def attention_blocks(
         scores = torch.matmul(qb, kf[:, :, :kend].transpose(-1, -2))
         scores = scores.view(b, hkv, g, rows, kend)
         if causal:
-            # only the last `rows` columns of a causal block hold hidden keys
+            # only the last `rows` columns of a causal block hold hidden keys; where they
+            # start at the block's first query they hide the same strict upper triangle
             tail = min(rows, kend)
-            hidden = ~_causal_tail(rows, kend, tail, r0 + offset, q.device)
-            bias = torch.zeros(rows, tail, device=q.device).masked_fill_(hidden, float("-inf"))
-            scores[..., kend - tail :].add_(bias)
+            if tail == rows and kend - tail == r0 + offset:
+                if triangle is None or triangle.shape[0] != rows:
+                    triangle = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu_(1)
+                hidden = triangle
+            else:
+                hidden = _causal_hidden(rows, kend, tail, r0 + offset, q.device)
+            scores[..., kend - tail :].masked_fill_(hidden, NEG)
         if mask is not None:
             mb = mask[:, :, r0:r1, :kend] if mask.shape[-2] != 1 else mask[..., :kend]
             if mb.shape[1] == 1:
                 mb = mb.unsqueeze(2)  # [B, 1, 1, rows, kend]
             else:
                 mb = mb.reshape(mb.shape[0], hkv, g, mb.shape[2], kend)
-            scores.masked_fill_(~mb, float("-inf"))
+            scores.masked_fill_(~mb, NEG)
         probs = torch.softmax(scores, dim=-1).view(b, hq, rows, kend)
+        logits = scores.view(b, hq, rows, kend)
         if mask is not None:
-            probs = probs.nan_to_num_(0.0)  # rows that see nothing: zeros
-        del scores
-        yield r0, r1, kend, probs
+            # a row that sees nothing has every logit at NEG (softmax made it uniform)
+            dead = logits.amax(dim=-1, keepdim=True) <= NEG
+            if bool(dead.any()):
+                probs.masked_fill_(dead, 0.0)
+        yield r0, r1, kend, probs, logits
+        del scores, logits, probs
 
 
 def explicit_attention(
@@ -149,19 +170,24 @@ def explicit_attention(
         e.prepare(layer, q, k, causal=causal, mask=mask, scale=scale)
     out = torch.empty(b, hq, nq, v.shape[-1], dtype=torch.float32, device=q.device)
     vf = v.float()
-    for r0, r1, kend, probs in attention_blocks(
+    for r0, r1, kend, probs, logits in attention_blocks(
         q, k, causal=causal, mask=mask, scale=scale, block=block
     ):
         rows = r1 - r0
         for e in prob_edits:
             probs = e.probs(layer, probs, r0 + offset)
+        if prob_edits:
+            logits = None  # the edited weights are no longer a softmax of these scores
         if analyses:
             sl = slice(r0 + offset, r1 + offset)
             for a in analyses:
-                a.update(layer, probs, sl)
+                if a.uses_logits:
+                    a.update(layer, probs, sl, logits=logits)
+                else:
+                    a.update(layer, probs, sl)
         pv = torch.matmul(probs.reshape(b, hkv, g * rows, kend), vf[:, :, :kend])
         out[:, :, r0:r1] = pv.view(b, hq, rows, -1)
-        del probs, pv
+        del probs, logits, pv
     if cap is not None and layer in cap.keep:
         _keep_qkv(cap, layer, q, k, v)
     out = out.to(q.dtype)
