@@ -55,6 +55,9 @@ CHUNK_TABLE_DECAY: tuple[tuple[int, int], ...] = ((10**9, 128),)
 # small enough to stay in cache and be reused by malloc, large enough that the batched
 # matmuls and the per-block Python overhead are amortised.
 _BLOCK_ELEMENTS = 1 << 20
+# Chunks per block at most: the prefix over a block's chunk states is an [nb + 1, nb]
+# matrix product, O(nb²·F·Dv), so nb stays small.
+_BLOCK_CHUNKS = 16
 
 
 def choose_chunk(n: int, feature_dim: int, *, decay: bool = False) -> int:
@@ -232,7 +235,7 @@ def _decay_factors(ld, nb, c, tokens):
     return intra, torch.exp(lc), torch.exp(lc[:, -1:] - lc), chunk_w, torch.exp(start)
 
 
-def _scan_blocks(q, k, v, s, z, *, chunk, feature_map, log_decay):
+def _scan_blocks(q, k, v, s, z, *, chunk, feature_map, log_decay, divide=True):
     """The chunked causal scan (Nq == Nk): one (batch, kv head) at a time, in blocks of tokens.
 
     q [B, H, G, N, *] (G query heads per state), k [B, H, N, *], v [B, H, N, Dv];
@@ -246,15 +249,17 @@ def _scan_blocks(q, k, v, s, z, *, chunk, feature_map, log_decay):
     state's last column is then z). One head's rows are contiguous, so a block of them is a
     view, not a copy; a block's largest intermediate holds about ``_BLOCK_ELEMENTS``
     floats, so temporaries stay small enough to be reused by the allocator, and nothing of
-    size N x N is built. Returns out [B, H, G, N, Dv] (normalised) and the final (s, z).
+    size N x N is built. Returns out [B, H, G, N, Dv] (normalised; with ``divide=False``
+    [B, H, G, N, Dv + 1], the numerator and the normaliser) and the final (s, z).
     """
     b, h, g, n, _ = q.shape
     dv, f = v.shape[-1], s.shape[-2]
     c, acc = max(1, min(chunk, n)), s.dtype
     normalize = z is not None
     width = -(-(dv + 1) // 8) * 8 if normalize else dv  # v, its ones column, zero padding
-    block = max(c, (_BLOCK_ELEMENTS // (g * max(c, f, width))) // c * c)
-    out = torch.empty(b, h, g, n, dv, dtype=acc, device=q.device)
+    block = max(c, min(_BLOCK_CHUNKS * c, _BLOCK_ELEMENTS // (g * max(c, f, width)) // c * c))
+    keep = dv if divide or not normalize else dv + 1
+    out = torch.empty(b, h, g, n, keep, dtype=acc, device=q.device)
     final = torch.empty(b, h, f, width, dtype=acc, device=q.device)
     v_buffer = None  # v with its ones column (and zero padding) for a block of tokens
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, s))
@@ -323,11 +328,11 @@ def _scan_blocks(q, k, v, s, z, *, chunk, feature_map, log_decay):
                 state = states[nb].view(f, width)
                 o = o.view(nb, g, c, width).transpose(0, 1).reshape(g, nb * c, width)
                 o = o[:, : t1 - t0]
-                if normalize:
+                if normalize and divide:
                     den = o[..., dv : dv + 1].clamp_min(torch.finfo(acc).tiny)
                     out[bi, hi, :, t0:t1] = o[..., :dv] / den  # a row that sees nothing: 0
                 else:
-                    out[bi, hi, :, t0:t1] = o
+                    out[bi, hi, :, t0:t1] = o[..., :keep]
             final[bi, hi] = state
     return out, final[..., :dv], (final[..., dv] if normalize else None)
 
@@ -364,6 +369,7 @@ def causal_scan(
     log_decay: torch.Tensor | None = None,
     normalize: bool = True,
     feature_map=None,
+    divide: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Causal linear attention of N new tokens after ``state`` (Nq == Nk == N).
 
@@ -372,7 +378,8 @@ def causal_scan(
     same decay at every step, whose weights the chunked form builds once).
     ``feature_map(x, query=...)``: when given, fq and fk are the raw queries and keys and
     the chunked form maps them block by block (no full-length feature tensors). Returns
-    the output [B, Hq, N, Dv] in float32 (float64 for float64 input) and the new state
+    the output [B, Hq, N, Dv] in float32 (float64 for float64 input; chunked, normalised and
+    ``divide=False``: [B, Hq, N, Dv + 1], numerator and normaliser) and the new state
     (see :func:`init_state`; with a per-query-head decay the state has Hq heads).
     """
     if fq.shape[-2] != fk.shape[-2]:
@@ -417,6 +424,7 @@ def causal_scan(
         chunk=chunk,
         feature_map=feature_map,
         log_decay=log_decay,
+        divide=divide,
     )
     return out.reshape(b, hq, n, -1), ({"S": s, "z": z} if normalize else {"S": s})
 

@@ -7,19 +7,40 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from attnlab.core import Mechanism, Spec, register
 from attnlab.core.checks import check_positive_int
 from attnlab.core.masks import repeat_kv
-from attnlab.core.scan import acc_dtype, choose_chunk, linear_attention, orthogonal_gaussian
+from attnlab.core.scan import acc_dtype, causal_scan, orthogonal_gaussian
 
 from ._featuremap import SeededDraws
 
+# Queries per chunk of the exact window (each chunk's keys span C + W - 1 positions).
+WINDOW_CHUNK = 32
+
 
 def taylor_features(x: torch.Tensor) -> torch.Tensor:
-    """phi(x) = [1, x, vec(x xᵀ)/sqrt(2)], so phi(q)·phi(k) = 1 + q·k + (q·k)²/2 (> 0 always)."""
-    outer = (x[..., :, None] * x[..., None, :]).flatten(-2) / math.sqrt(2.0)
-    return torch.cat([torch.ones_like(x[..., :1]), x, outer], dim=-1)
+    """phi(x) = [1, x, x_i²/√2, x_i·x_j (i < j)], so phi(q)·phi(k) = 1 + q·k + (q·k)²/2 (> 0).
+
+    The paper's map is [1, x, vec(x xᵀ)/√2] with d'² quadratic features; as (q·k)² =
+    sum_i q_i²k_i² + 2 sum_(i<j) q_i q_j k_i k_j, its d'(d'-1)/2 symmetric pairs fold into one
+    feature each: the same kernel with 1 + d' + d'(d'+1)/2 features (153 for d' = 16, not 273).
+    """
+    d = x.shape[-1]
+    if x.requires_grad:
+        pairs = [x[..., i : i + 1] * x[..., i + 1 :] for i in range(d - 1)]
+        square = x * x * math.sqrt(0.5)
+        return torch.cat([torch.ones_like(x[..., :1]), x, square, *pairs], dim=-1)
+    out = x.new_empty(*x.shape[:-1], 1 + d + d * (d + 1) // 2)  # filled in place
+    out[..., 0] = 1.0
+    out[..., 1 : d + 1] = x
+    torch.mul(x, x, out=out[..., d + 1 : 2 * d + 1]).mul_(math.sqrt(0.5))
+    col = 2 * d + 1
+    for i in range(d - 1):
+        torch.mul(x[..., i : i + 1], x[..., i + 1 :], out=out[..., col : col + d - 1 - i])
+        col += d - 1 - i
+    return out
 
 
 @register
@@ -89,9 +110,9 @@ class Based(SeededDraws, Mechanism):
         return head_dim if d is None or d >= head_dim else d
 
     def feature_dim(self, head_dim: int) -> int:
-        """F = 1 + d' + d'² features of the Taylor map."""
+        """F = 1 + d' + d'(d'+1)/2 features of the (symmetric) Taylor map."""
         d = self.projected_dim(head_dim)
-        return 1 + d + d * d
+        return 1 + d + d * (d + 1) // 2
 
     def projection(self, head_dim: int) -> torch.Tensor | None:
         """The fixed [D, d'] projection (orthonormal columns times sqrt(D/d')), None for d' = D."""
@@ -106,43 +127,68 @@ class Based(SeededDraws, Mechanism):
 
         return self._drawn((head_dim, d), make)
 
-    def features(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """x P scale^½: the d'-dim inputs of the Taylor map (q̃·k̃ = q P·k P·scale)."""
         p = self.projection(x.shape[-1])
         if p is not None:
-            x = x @ p.to(device=x.device, dtype=x.dtype)
-        return taylor_features(x * scale**0.5)
+            return x @ (p.to(device=x.device, dtype=x.dtype) * scale**0.5)
+        return x * scale**0.5
+
+    def features(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        return taylor_features(self._project(x, scale))
 
     # --- the forms ------------------------------------------------------------------------
 
-    def _window(self, q, k, v, scale, chunk):
-        """Exact exp weights over the last W keys: (sum e·v, sum e, shift m), chunk by chunk."""
-        b, h, n, d = q.shape
-        w = self.config.window
-        c = max(1, min(chunk, n))
+    def _with_window(self, q, k, v, far, scale):
+        """Combine the Taylor sums over all past keys, ``far`` [B, Hq, N, Dv + 1] (numerator,
+        normaliser), with the last W keys: there the Taylor weight is swapped for the exact
+        exp(s - m), m = max(0, the largest window score), and the far sums are scaled by
+        e^(-m). Queries go in chunks of C; a chunk's window spans C + W - 1 keys (a view of
+        the padded keys), one (batch, kv head) at a time, so temporaries stay small.
+        """
+        b, hq, n, d = q.shape
+        hk, dv, w = k.shape[1], v.shape[-1], self.config.window
+        g = hq // hk
+        c = max(1, min(WINDOW_CHUNK, n))
         pad = (-n) % c
-        nc = (n + pad) // c
-        qc = torch.nn.functional.pad(q, (0, 0, 0, pad)).reshape(b, h, nc, c, d)
-        kw = torch.nn.functional.pad(k, (0, 0, w - 1, pad)).unfold(2, c + w - 1, c)
-        vw = torch.nn.functional.pad(v, (0, 0, w - 1, pad)).unfold(2, c + w - 1, c)
-        s = qc @ kw * scale  # [B, H, nc, C, C+W-1]
-        t = torch.arange(c + w - 1, device=q.device)
-        r = torch.arange(c, device=q.device)[:, None]
-        start = torch.arange(nc, device=q.device)[:, None, None] * c
-        allowed = (t >= r) & (t <= r + w - 1) & (t + start >= w - 1)
-        s = s.masked_fill(~allowed, float("-inf"))
-        m = s.amax(-1, keepdim=True).clamp_min(0.0)
-        e = torch.exp(s - m)
-        num = (e @ vw.transpose(-1, -2)).reshape(b, h, nc * c, -1)[:, :, :n]
-        den = e.sum(-1, keepdim=True).reshape(b, h, nc * c, 1)[:, :, :n]
-        return num, den, m.reshape(b, h, nc * c, 1)[:, :, :n]
+        nc, span = (n + pad) // c, c + w - 1
+        t = torch.arange(span, device=q.device)
+        rows = torch.arange(c, device=q.device)[:, None]
+        first = torch.arange(nc, device=q.device)[:, None, None] * c - (w - 1)  # key of t = 0
+        allowed = (t >= rows) & (t <= rows + w - 1) & (t + first >= 0)  # [nc, C, span]
+        allowed = allowed[:, None].expand(nc, g, c, span).reshape(nc, g * c, span)
+        out = torch.empty(b, hq, n, dv, dtype=far.dtype, device=q.device)
+        for bi in range(b):
+            for hi in range(hk):
+                heads = slice(hi * g, (hi + 1) * g)
+                kk = F.pad(k[bi, hi], (0, 0, w - 1, pad))
+                vv = F.pad(v[bi, hi], (0, 0, w - 1, pad)).unfold(0, span, c)  # [nc, Dv, span]
+                kp = self._project(kk, scale).unfold(0, span, c)
+                qq = F.pad(q[bi, heads], (0, 0, 0, pad)).view(g, nc, c, d).transpose(0, 1)
+                qq = qq.reshape(nc, g * c, d)
+                s = torch.bmm(qq * scale, kk.unfold(0, span, c))  # [nc, G*C, span]
+                s = s.masked_fill(~allowed, float("-inf"))
+                m = s.amax(-1, keepdim=True).clamp_min(0.0)
+                st = torch.bmm(self._project(qq, scale), kp)  # q̃·k̃: the Taylor argument
+                taylor = (torch.addcmul(st, st, st, value=0.5) + 1.0).masked_fill(~allowed, 0.0)
+                shrink = torch.exp(-m)
+                # exp(s - m) - e^(-m)·taylor(s̃): the window's exact weight replaces its Taylor one
+                weight = torch.addcmul(torch.exp(s - m), taylor, shrink, value=-1.0)
+                f = F.pad(far[bi, heads], (0, 0, 0, pad)).view(g, nc, c, dv + 1)
+                f = f.transpose(0, 1).reshape(nc, g * c, dv + 1)
+                num = torch.bmm(weight, vv.transpose(1, 2)) + shrink * f[..., :dv]
+                den = weight.sum(-1, keepdim=True) + shrink * f[..., dv:]
+                res = (num / den).view(nc, g, c, dv).transpose(0, 1).reshape(g, nc * c, dv)
+                out[bi, heads] = res[:, :n]
+        return out
 
     def _attend(self, q, k, v, scale, form):
         acc = acc_dtype(q)
         q, k, v = q.to(acc), k.to(acc), v.to(acc)
-        fq, fk = self.features(q, scale), self.features(k, scale)
         groups = q.shape[1] // k.shape[1]
         w = self.config.window
         if form == "parallel":
+            fq, fk = self.features(q, scale), self.features(k, scale)
             kk, vv, fkk = repeat_kv(k, groups), repeat_kv(v, groups), repeat_kv(fk, groups)
             n = q.shape[2]
             s = q @ kk.transpose(-1, -2) * scale
@@ -166,19 +212,15 @@ class Based(SeededDraws, Mechanism):
                 device=q.device,
             )
             return self._steps(q, k, v, state, scale)[0]
-        chunk = self.config.chunk or choose_chunk(q.shape[2], fq.shape[-1])
-        far = linear_attention(
-            fq,
-            fk,
-            torch.cat([v, torch.ones_like(v[..., :1])], dim=-1),
-            causal=True,
+        far, _ = causal_scan(
+            q,
+            k,
+            v,
             chunk=self.config.chunk,
-            normalize=False,
-            offset=-w,
+            feature_map=lambda x, query: self.features(x, scale),
+            divide=False,
         )
-        num, den, m = self._window(q, repeat_kv(k, groups), repeat_kv(v, groups), scale, chunk)
-        shrink = torch.exp(-m)
-        return (far[..., :-1] * shrink + num) / (far[..., -1:] * shrink + den)
+        return self._with_window(q, k, v, far, scale)
 
     def forward(self, q, k, v, *, causal=True, mask=None, scale=None):
         return self._attend(q, k, v, scale, self.config.form).to(q.dtype)
