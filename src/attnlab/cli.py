@@ -356,7 +356,9 @@ def bench_capture(
     model: str = typer.Option("smollm2", help="smollm2, minilm, a local folder or a hub id."),
     tokens: int = typer.Option(8192, help="Tokens (the shipped text repeats to reach them)."),
     block: int = typer.Option(0, help="Query rows per block (0: about 4M floats a block)."),
-    probe: str = typer.Option("entropy", help="Analysis during the capture: entropy, max, none."),
+    probe: str = typer.Option(
+        "entropy", help="Analysis during the capture: entropy, max, analyze (its defaults), none."
+    ),
     threads: int = typer.Option(0, help="torch threads for both passes (0: torch's default)."),
     out: Path | None = typer.Option(None, help="Write the record as JSON here."),
 ):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -122,8 +124,24 @@ def distance_moments(
     ``sum_{j <= i} p_ij (i - j)`` and ``sum_{j > i} p_ij (j - i)``. One matmul of
     the block with ``[1, j - first]`` over all keys (positions relative to the
     block keep the float32 sums small), plus, without causality, one over the
-    keys after the block and the block's own square.
+    keys after the block and the block's own square. Analyses handed the same
+    block tensor share one computation.
     """
+    last = _MOMENTS[0]
+    if last is not None and last[0]() is probs and last[1:3] == (first, causal):
+        return last[3]  # another analysis already asked for this block's moments
+    out = _distance_moments(probs, first, causal)
+    _MOMENTS[0] = (weakref.ref(probs), first, causal, out)
+    return out
+
+
+# the last block's moments, keyed by the (live) block tensor itself
+_MOMENTS: list = [None]
+
+
+def _distance_moments(
+    probs: torch.Tensor, first: int, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r, nk = probs.shape[-2], probs.shape[-1]
     dev = probs.device
     feats = torch.stack(

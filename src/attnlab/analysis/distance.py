@@ -16,7 +16,7 @@ def _skip(probs: torch.Tensor, rows: slice, skip_rows: int) -> tuple[torch.Tenso
     """The block's rows at positions ``>= skip_rows`` (a view) and the first one's position."""
     start = 0 if rows.start is None else rows.start
     cut = min(probs.shape[-2], max(0, skip_rows - start))
-    return probs[:, :, cut:], start + cut
+    return (probs[:, :, cut:] if cut else probs), start + cut
 
 
 def head_groups(d: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -79,7 +79,21 @@ class RowMax(Analysis):
         ]
 
 
-PROBES = {"entropy": RowEntropy, "max": RowMax, "none": None}
+def _analyze_set() -> list[Analysis]:
+    """What ``attnlab analyze`` measures on its text by default, each with its defaults."""
+    from attnlab.analysis import STREAMING
+    from attnlab.report.analyze import DEFAULT, ON_TEXT
+
+    return [STREAMING[n]() for n in DEFAULT if n in ON_TEXT]
+
+
+# probe name -> the analyses it runs during the capture
+PROBES = {
+    "entropy": lambda: [RowEntropy()],
+    "max": lambda: [RowMax()],
+    "analyze": _analyze_set,
+    "none": list,
+}
 
 
 def _status_kb(field: str) -> int | None:
@@ -123,9 +137,10 @@ def run(
 ) -> dict[str, Any]:
     """Time and peak memory of the plain forward and of a captured one, side by side.
 
-    ``probe``: the analysis run during the capture (``entropy``, ``max`` or
-    ``none``, which measures the block-wise exact attention alone). ``threads``:
-    torch threads for both passes (default: torch's setting).
+    ``probe``: the analysis run during the capture (``entropy``, ``max``,
+    ``analyze``: the streaming analyses ``attnlab analyze`` runs on its text by
+    default, or ``none``, which measures the block-wise exact attention alone).
+    ``threads``: torch threads for both passes (default: torch's setting).
     """
     from attnlab.core.errors import AttnInputError
 
@@ -158,8 +173,7 @@ def run(
     gc.collect()
     reset_peak()
     t = time.perf_counter()
-    analyses = [PROBES[probe]()] if PROBES[probe] is not None else []
-    result = capture(model, ids, analyses, block=block, progress=progress)
+    result = capture(model, ids, PROBES[probe](), block=block, progress=progress)
     record["capture_seconds"] = time.perf_counter() - t
     record["capture_peak_mb"] = peak_rss_mb()
     record["time_ratio"] = record["capture_seconds"] / record["sdpa_seconds"]
