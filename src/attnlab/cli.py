@@ -504,13 +504,14 @@ def bench_decode(
 
 @bench_app.command("chunks")
 def bench_chunks(
-    features: str = typer.Option("16,64,128,273", help="Feature dims F to measure."),
+    features: str = typer.Option("16,64,153", help="Feature dims F to measure."),
     chunks: str = typer.Option("32,64,128,256", help="Chunk sizes C to try."),
     n: int = typer.Option(8192, help="Sequence length."),
     repeats: int = typer.Option(3, help="Timed repeats (median)."),
     out: Path | None = typer.Option(None, help="Write the rows as JSON here."),
 ):
-    """Time of the chunked linear-attention scan per (F, C): the table behind choose_chunk."""
+    """Time of the chunked linear-attention scan per (F, C) at one N: the table behind
+    choose_chunk (which picks C by N)."""
     from attnlab.bench import scaling
     from attnlab.core.scan import choose_chunk
 
@@ -531,7 +532,7 @@ def bench_chunks(
             str(r["chunk"]),
             f"{r['ms']:.1f}",
             "✓" if r["best"] else "",
-            str(choose_chunk(size, r["feature_dim"])),
+            str(choose_chunk(size)),
         )
     console.print(t)
     _write_json(out, rows)

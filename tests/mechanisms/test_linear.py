@@ -11,7 +11,6 @@ from attnlab.bench import quality, scaling
 from attnlab.core.reference import reference_attention
 from attnlab.core.scan import (
     CHUNK_TABLE,
-    CHUNK_TABLE_DECAY,
     causal_scan,
     choose_chunk,
     linear_attention,
@@ -97,14 +96,14 @@ def test_scan_state_continues():
 
 
 def test_choose_chunk():
-    """The chooser follows the measured table, is never above N and covers every F."""
-    for max_f, chunk in CHUNK_TABLE:
-        assert choose_chunk(1 << 16, min(max_f, 4096)) == chunk
-    assert choose_chunk(1 << 16, 64, decay=True) == CHUNK_TABLE_DECAY[-1][1]
-    assert choose_chunk(10, 64) == 10
-    assert choose_chunk(1, 10**6) == 1
+    """The chooser follows the measured table by N, is never above N and covers every N."""
+    for max_n, chunk in CHUNK_TABLE:
+        assert choose_chunk(min(max_n, 1 << 40)) == min(chunk, max_n)
+    assert choose_chunk(1 << 16) == CHUNK_TABLE[-1][1]
+    assert choose_chunk(10) == 10
+    assert choose_chunk(1) == 1
     assert all(c > 0 for _, c in CHUNK_TABLE)
-    assert [f for f, _ in CHUNK_TABLE] == sorted(f for f, _ in CHUNK_TABLE)
+    assert [n for n, _ in CHUNK_TABLE] == sorted(n for n, _ in CHUNK_TABLE)
 
 
 # --- stability at long N --------------------------------------------------------------------

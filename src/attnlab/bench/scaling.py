@@ -258,7 +258,7 @@ def _decode(mechanisms, positions, batch, heads, head_dim, dtype, repeats, progr
 
 
 def run_chunks(
-    feature_dims: Iterable[int] = (16, 64, 128, 273),
+    feature_dims: Iterable[int] = (16, 64, 153),
     chunks: Iterable[int] = (32, 64, 128, 256),
     *,
     n: int = 8192,

@@ -37,19 +37,21 @@ import math
 import torch
 import torch.nn.functional as F
 
-# Chunk size by feature dimension F, measured on the CPU of the development
-# machine (2 shared cores, torch 2.13, float32, causal, B1 H8 Dv64, N=16384;
-# load average 8-12 from other jobs, so differences under ~15% are noise).
-# `attnlab bench chunks --n 16384` (the scan alone, median ms):
-#   F=16:  C32 203, C64 240, C128 281, C256 380
-#   F=64:  C32 426, C64 367, C128 388, C256 456
-#   F=128: C32 893, C64 465, C128 463, C256 708
-#   F=273: C32 2101, C64 1773, C128 1083, C256 1015
-# whole mechanisms (process CPU ms): linear (F=64) C32 423, C64 399, C128 433, C256 513;
-# lightning (F=64, with decay) C32 872, C64 488, C128 363, C256 610: with a decay the
-# [nb, nb] chunk-decay matrix favours fewer, larger chunks.
-CHUNK_TABLE: tuple[tuple[int, int], ...] = ((32, 32), (192, 64), (10**9, 128))
-CHUNK_TABLE_DECAY: tuple[tuple[int, int], ...] = ((10**9, 128),)
+# Chunk size by sequence length N: the measured best on the CPU of the development
+# machine (2 cores, torch 2.13, float32, causal, B1 H8 Dv64, 2026-11-22; the machine is
+# noisy, differences under ~10% are not significant). `attnlab bench chunks --n N
+# --features 16,64,153 --chunks 32,64,128,256` (the scan alone, median ms):
+#   N=1024:  F=16  C32 6.1, C64 4.6, C128 5.1, C256 6.8
+#            F=64  C32 8.4, C64 5.7, C128 6.7, C256 7.7
+#            F=153 C32 13.1, C64 10.0, C128 10.4, C256 12.3
+#   N=2048:  F=64  C64 9.6, C128 11.1;  F=153 C64 17.6, C128 18.2
+#   N=4096:  F=64  C64 24.3, C128 23.8; F=153 C64 40.0, C128 39.5
+#   N=16384: F=16  C32 79.5, C64 56.1, C128 53.4, C256 91.2
+#            F=64  C32 116.1, C64 110.7, C128 80.6, C256 112.3
+#            F=153 C32 192.8, C64 150.4, C128 147.2, C256 175.9
+# lightning (F=64 with its decay, whole mechanism, ms): N=1024 C64 9.7, C128 12.6;
+# N=4096 C64 36.8, C128 36.4; N=16384 C64 249, C128 162. The same choice for every F.
+CHUNK_TABLE: tuple[tuple[int, int], ...] = ((2048, 64), (10**12, 128))
 
 # Elements allowed in one block's largest intermediate (features, scores, values):
 # small enough to stay in cache and be reused by malloc, large enough that the batched
@@ -60,11 +62,11 @@ _BLOCK_ELEMENTS = 1 << 20
 _BLOCK_CHUNKS = 16
 
 
-def choose_chunk(n: int, feature_dim: int, *, decay: bool = False) -> int:
-    """Chunk size for the chunked form: the measured best for ``feature_dim`` (see CHUNK_TABLE;
-    CHUNK_TABLE_DECAY with a decay), never more than ``n`` tokens."""
-    for max_features, chunk in CHUNK_TABLE_DECAY if decay else CHUNK_TABLE:
-        if feature_dim <= max_features:
+def choose_chunk(n: int) -> int:
+    """Chunk size for the chunked form of N tokens: the measured best for N (see
+    CHUNK_TABLE), never more than ``n``."""
+    for max_n, chunk in CHUNK_TABLE:
+        if n <= max_n:
             return max(1, min(chunk, n))
     raise AssertionError("CHUNK_TABLE ends with an unbounded row")
 
@@ -414,7 +416,7 @@ def causal_scan(
         z = torch.zeros(b, hk, f, dtype=acc, device=fq.device) if normalize else None
     else:
         s, z = state["S"].to(acc), (state["z"].to(acc) if normalize else None)
-    chunk = chunk or choose_chunk(n, f, decay=log_decay is not None)
+    chunk = chunk or choose_chunk(n)
     out, s, z = _scan_blocks(
         fq.reshape(b, hk, hq // hk, n, fq.shape[-1]),
         fk,
