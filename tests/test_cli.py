@@ -2,6 +2,7 @@
 
 import json
 
+import torch
 from typer.testing import CliRunner
 
 import attnlab
@@ -63,3 +64,10 @@ def test_bench_speed_writes_json(tmp_path):
 def test_bench_speed_rejects_bad_config():
     result = runner.invoke(app, ["bench", "speed", "--n", "32", "--config", "chunked"])
     assert result.exit_code != 0 and "NAME:KEY=VALUE" in result.output
+
+
+def test_bench_speed_says_when_cuda_is_missing(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = runner.invoke(app, ["bench", "speed", "--n", "32", "--device", "cuda"])
+    assert result.exit_code != 0
+    assert "--device" in result.output and "CUDA is not available" in result.output

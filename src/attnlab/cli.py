@@ -156,9 +156,11 @@ def bench_speed(
     repeats: int = typer.Option(5, help="Timed repeats after the warm-up call."),
     config: list[str] = typer.Option([], help="Mechanism options, NAME:KEY=VALUE (repeatable)."),
     max_call_s: float = typer.Option(60.0, help="Skip larger N after a call this slow."),
+    device: str = typer.Option("cpu", help="Where to run: cpu, cuda, cuda:1, ..."),
     out: Path | None = typer.Option(None, help="Write the records as JSON here."),
 ):
     """Time and peak memory of mechanisms against raw torch SDPA, side by side."""
+    import torch
     from rich.progress import Progress
 
     from attnlab.bench import speed
@@ -173,6 +175,12 @@ def bench_speed(
         raise typer.BadParameter(
             f"--dtype: expected one of {', '.join(speed.DTYPES)}, got {dtype!r}"
         )
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as err:
+        raise typer.BadParameter(f"--device: {err}") from err
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("--device: CUDA is not available on this machine; use cpu")
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("bench speed", total=None)
         records = speed.run_speed(
@@ -187,9 +195,13 @@ def bench_speed(
             repeats=repeats,
             configs=_parse_configs(config),
             max_call_s=max_call_s,
+            device=device,
             progress=lambda what: bar.update(task, description=what),
         )
-    t = Table(title=f"bench speed: B{batch} H{heads} D{head_dim} {dtype}, median of {repeats}")
+    where = "" if device == "cpu" else f", {device} ({torch.cuda.get_device_name(torch_device)})"
+    t = Table(
+        title=f"bench speed: B{batch} H{heads} D{head_dim} {dtype}{where}, median of {repeats}"
+    )
     for col in (
         "mechanism",
         "N",

@@ -12,7 +12,7 @@ def test_run_speed_records_every_mechanism_and_mode():
     for r in records:
         assert r.ms is not None and r.ms > 0 and len(r.ms_repeats) == 2
         assert r.speedup is not None and r.speedup > 0
-        assert r.scores_mib == 2 * 64 * 64 * 4 / 2**20
+        assert r.scores_mib == 2 * 64 * 64 * 4 / 2**20 and r.device == "cpu"
     base = [r for r in records if r.mechanism == "sdpa"]
     assert all(abs(r.speedup - 1.0) < 1e-12 for r in base)
 

@@ -3,7 +3,9 @@
 Every candidate runs in the same process on the same inputs, interleaved
 repeat by repeat with raw ``scaled_dot_product_attention``, so that ratios
 hold on a noisy machine. Time is the median of the repeats after a warm-up
-call; memory is the peak resident memory a call adds (see ``bench.memory``).
+call; memory is the peak resident memory a call adds (see ``bench.memory``),
+or on a CUDA device the peak of the caching allocator above what was allocated
+before the call (each timed call is synchronised).
 For sparse mechanisms that report their ``density``, the bench also prints the
 FLOP-bound speedup (the density of full attention in the same mode over the
 mechanism's density) and the fraction of it achieved.
@@ -45,6 +47,7 @@ class SpeedRecord:
     kv_heads: int
     head_dim: int
     dtype: str
+    device: str
     ms: float | None
     ms_repeats: list[float]
     peak_mib: float | None
@@ -61,10 +64,24 @@ def full_density(n: int, causal: bool) -> float:
     return (n + 1) / (2 * n) if causal else 1.0
 
 
-def _time_once(fn: Callable[[], torch.Tensor]) -> float:
+def _time_once(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
     start = time.perf_counter()
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return (time.perf_counter() - start) * 1e3
+
+
+def _peak_extra_bytes(fn: Callable[[], torch.Tensor], device: torch.device):
+    """(result, peak bytes the call adds): resident memory on CPU, the allocator on CUDA."""
+    if device.type != "cuda":
+        return memory.peak_extra_bytes(fn)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    return result, torch.cuda.max_memory_allocated(device) - before
 
 
 def run_speed(
@@ -80,25 +97,30 @@ def run_speed(
     repeats: int = 5,
     configs: dict[str, dict] | None = None,
     max_call_s: float = 60.0,
+    device: str = "cpu",
     progress: Callable[[str], None] | None = None,
 ) -> list[SpeedRecord]:
     """Measure each mechanism and raw SDPA side by side at each N and mode.
 
     Returns one record per (mechanism, N, mode), the SDPA baseline included
     under the name ``"sdpa"``. A mechanism whose single call exceeds
-    ``max_call_s`` is not repeated and is skipped at larger N.
+    ``max_call_s`` is not repeated and is skipped at larger N. ``device``: where the
+    inputs and mechanisms live ("cpu", "cuda", ...).
     """
     configs = configs or {}
+    dev = torch.device(device)
     kv_heads = kv_heads or heads
     torch_dtype = DTYPES[dtype]
     names = [BASELINE, *[m for m in mechanisms if m != BASELINE]]
-    modules = {m: attnlab.get(m, **configs.get(m, {})).eval() for m in names if m != BASELINE}
+    modules = {
+        m: attnlab.get(m, **configs.get(m, {})).eval().to(dev) for m in names if m != BASELINE
+    }
     too_slow: dict[str, int] = {}
     records: list[SpeedRecord] = []
     for n in ns:
-        q = torch.randn(batch, heads, n, head_dim, dtype=torch_dtype)
-        k = torch.randn(batch, kv_heads, n, head_dim, dtype=torch_dtype)
-        v = torch.randn(batch, kv_heads, n, head_dim, dtype=torch_dtype)
+        q = torch.randn(batch, heads, n, head_dim, dtype=torch_dtype, device=dev)
+        k = torch.randn(batch, kv_heads, n, head_dim, dtype=torch_dtype, device=dev)
+        v = torch.randn(batch, kv_heads, n, head_dim, dtype=torch_dtype, device=dev)
         scores_mib = batch * heads * n * n * torch_dtype.itemsize / 2**20
         for causal in causal_modes:
             calls: dict[str, Callable[[], torch.Tensor]] = {
@@ -124,6 +146,7 @@ def run_speed(
                             kv_heads,
                             head_dim,
                             dtype,
+                            device,
                             scores_mib,
                             f"a call took over {max_call_s:.0f} s at N={too_slow[m]}",
                         )
@@ -133,7 +156,7 @@ def run_speed(
                     progress(f"{m} N={n} {'causal' if causal else 'full'}")
                 with torch.inference_mode():
                     start = time.perf_counter()
-                    _, peak[m] = memory.peak_extra_bytes(fn)  # warm-up call measures memory
+                    _, peak[m] = _peak_extra_bytes(fn, dev)  # warm-up call measures memory
                     first = time.perf_counter() - start
                 times[m] = []
                 if first > max_call_s:
@@ -144,7 +167,7 @@ def run_speed(
             with torch.inference_mode():
                 for _ in range(repeats):
                     for m, fn in active.items():
-                        times[m].append(_time_once(fn))
+                        times[m].append(_time_once(fn, dev))
             base_ms = statistics.median(times[BASELINE])
             for m in times:
                 ms = statistics.median(times[m])
@@ -158,6 +181,7 @@ def run_speed(
                     kv_heads=kv_heads,
                     head_dim=head_dim,
                     dtype=dtype,
+                    device=device,
                     ms=ms,
                     ms_repeats=times[m],
                     peak_mib=None if peak[m] is None else peak[m] / 2**20,
@@ -173,7 +197,9 @@ def run_speed(
     return records
 
 
-def _skipped(m, configs, n, causal, batch, heads, kv_heads, head_dim, dtype, scores_mib, why):
+def _skipped(
+    m, configs, n, causal, batch, heads, kv_heads, head_dim, dtype, device, scores_mib, why
+):
     return SpeedRecord(
         mechanism=m,
         config=configs.get(m, {}),
@@ -184,6 +210,7 @@ def _skipped(m, configs, n, causal, batch, heads, kv_heads, head_dim, dtype, sco
         kv_heads=kv_heads,
         head_dim=head_dim,
         dtype=dtype,
+        device=device,
         ms=None,
         ms_repeats=[],
         peak_mib=None,
