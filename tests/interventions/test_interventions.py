@@ -176,3 +176,18 @@ def test_heads_spec():
         Heads([(1,)])
     with pytest.raises(attnlab.AttnInputError, match="gamma:"):
         zerotune(None, -1.0).__enter__()
+
+
+def test_act_sinks_are_keys_whose_observers_average_above_the_threshold(smollm2, batch):
+    # the authors' criterion: sum_t A_tj / |{t >= j}| > 0.1, the initial token kept
+    model, _ = smollm2
+    plain = Maps()
+    capture(model, batch, [plain])
+    with calibrate_sinks(model, {12: None}) as edit:
+        capture(model, batch, [Maps()])
+    n = batch["input_ids"].shape[1]
+    maps = plain.maps[12][0]  # [H, N, N]
+    received = maps.sum(1) / torch.arange(n, 0, -1)
+    expected = received > 0.1
+    expected[:, 0] = False
+    assert expected.any() and torch.equal(edit.found[12][0], expected)

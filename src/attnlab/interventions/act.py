@@ -20,14 +20,31 @@ from .base import Edit, Heads, HeadSpec, applied, first_keys
 class SinkCalibration(Edit):
     """ACT: in the chosen heads, shrink the attention to hidden sinks and give it to the rest.
 
-    Per head, a key j is a sink when the attention it receives, averaged over the
-    query rows, exceeds ``alpha`` / N (``alpha`` times the uniform share). The
-    initial token is kept as it is (``keep_first``): the paper finds that sink
-    useful and calibrates the others. In every row, each sink's weight is
-    multiplied by ``beta`` and the mass taken away, (1 − β)·Σ_sinks aᵢⱼ, is given
-    to the non-sink keys in proportion to their weights, so rows still sum to 1.
-    The paper picks the heads to calibrate on a small calibration set; pass them
-    as ``heads`` (default: every head).
+    What Yu et al. compute (the paper's full text could not be read here; this
+    follows the authors' released code, GATECH-EIC/ACT ``models/*_modelling_aug.py``
+    and ``scripts/*.sh``, which agrees with the paper's abstract and summaries):
+
+    - Sink criterion, per head and input: key ``j`` is a sink when the mean
+      attention it receives from the queries that can see it,
+      ``a_j = sum_t A_tj / |{t : t sees j}|``, exceeds a threshold: ``threshold``
+      (the authors' scripts use 0.1). Secondary descriptions of the paper state the
+      threshold as ``alpha / N``; pass ``alpha`` to use that form (N = number of
+      keys), which overrides ``threshold``.
+    - The first sink found is kept (the authors drop the first detected index; it
+      is the initial token, whose sink the paper finds useful): ``keep_first`` keeps
+      each sequence's first non-padding key.
+    - Calibration, in every query row: each sink's weight is multiplied by ``beta``
+      (the authors' 0.4) and the mass taken away, ``(1 - beta) * sum_sinks A_tj``,
+      is given to the non-sink keys (the kept first token included) in proportion
+      to their weights, so rows still sum to 1. Rows that see only sinks are left
+      as they are (the authors' row 0).
+    - The authors pick the heads to calibrate by a search on a small calibration
+      set (a head is kept when calibrating it helps); pass them as ``heads``
+      (default: every head).
+
+    Where we had to choose: "queries that can see ``j``" are counted from the
+    causal and padding mask of the call (the authors' ``N - j`` for one unpadded
+    causal sequence).
     """
 
     needs_probs = True
@@ -37,35 +54,43 @@ class SinkCalibration(Edit):
         self,
         heads: HeadSpec = None,
         *,
-        alpha: float = 5.0,
+        threshold: float = 0.1,
         beta: float = 0.4,
         keep_first: bool = True,
+        alpha: float | None = None,
     ) -> None:
-        if not alpha > 0:
-            raise AttnInputError(f"alpha: expected a number > 0, got {alpha!r}")
+        if not 0 < threshold <= 1:
+            raise AttnInputError(f"threshold: expected a number in (0, 1], got {threshold!r}")
+        if alpha is not None and not alpha > 0:
+            raise AttnInputError(f"alpha: expected a number > 0 or None, got {alpha!r}")
         if not 0 <= beta <= 1:
             raise AttnInputError(f"beta: expected a number in [0, 1], got {beta!r}")
         self.heads = Heads(heads)
-        self.alpha, self.beta, self.keep_first = float(alpha), float(beta), bool(keep_first)
+        self.threshold, self.beta, self.keep_first = float(threshold), float(beta), bool(keep_first)
+        self.alpha = None if alpha is None else float(alpha)
         self._sinks: torch.Tensor | None = None  # [B, Hq, 1, Nk] bool
         self.found: dict[int, torch.Tensor] = {}  # layer -> sink positions per head, last run
 
     def prepare(self, layer, q, k, *, causal, mask, scale):
-        from attnlab.models.capture import attention_blocks, default_block
+        from attnlab.models.capture import NEG, attention_blocks, default_block
 
         sel = self.heads.selector(layer, q.shape[1])
         if sel is None:
             self._sinks = None
             return
-        b, hq, nq, _ = q.shape
+        b, hq, _, _ = q.shape
         nk = k.shape[2]
         colsum = torch.zeros(b, hq, nk, device=q.device)
+        observers = torch.zeros(b, hq, nk, device=q.device)
         block = default_block(b, hq, nk)
-        for _, _, kend, p, _ in attention_blocks(
+        for _, _, kend, p, logits in attention_blocks(
             q, k, causal=causal, mask=mask, scale=scale, block=block
         ):
             colsum[..., :kend] += p.sum(dim=2)
-        sinks = colsum / nq > self.alpha / nk
+            observers[..., :kend] += (logits > NEG).sum(dim=2)
+        received = colsum / observers.clamp_min(1.0)
+        limit = self.alpha / nk if self.alpha is not None else self.threshold
+        sinks = (received > limit) & (observers > 0)
         if self.keep_first:
             first = first_keys(mask, b, q.device)
             sinks[torch.arange(b, device=q.device), :, first] = False
@@ -92,12 +117,17 @@ def calibrate_sinks(
     model: torch.nn.Module,
     heads: HeadSpec = None,
     *,
-    alpha: float = 5.0,
+    threshold: float = 0.1,
     beta: float = 0.4,
     keep_first: bool = True,
+    alpha: float | None = None,
 ) -> Iterator[SinkCalibration]:
-    """Apply ACT to ``heads`` (default: all) inside the block; ``edit.found`` lists the sinks."""
-    with applied(
-        model, SinkCalibration(heads, alpha=alpha, beta=beta, keep_first=keep_first)
-    ) as edit:
-        yield edit
+    """Apply ACT to ``heads`` (default: all) inside the block; ``edit.found`` lists the sinks.
+
+    ``threshold``/``alpha``, ``beta``, ``keep_first``: see :class:`SinkCalibration`.
+    """
+    edit = SinkCalibration(
+        heads, threshold=threshold, beta=beta, keep_first=keep_first, alpha=alpha
+    )
+    with applied(model, edit) as applied_edit:
+        yield applied_edit
