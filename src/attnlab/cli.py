@@ -92,12 +92,19 @@ def analyze(
     ),
     out: Path = typer.Option(Path("attnlab-out"), help="Folder for JSON, PNGs, report.html."),
     trials: int = typer.Option(3, help="Needles for the retrieval score."),
+    importance: str = typer.Option(
+        "gradient",
+        help="Head importance (Michel et al.): gradient (first-order proxy, one backward "
+        "pass) or mask (mask each head in turn and measure the change in loss).",
+    ),
 ):
     """Measure a real model's attention head by head and write a self-contained report."""
     from attnlab.report import analyze as run
 
     if text is not None and needle:
         raise typer.BadParameter("--text and --needle: give one input, not both")
+    if importance not in ("gradient", "mask"):
+        raise typer.BadParameter(f"--importance: expected gradient or mask, got {importance!r}")
     try:
         names = run.check_analyses(analyses)
     except ValueError as exc:
@@ -110,6 +117,7 @@ def analyze(
         analyses=names,
         out=out,
         trials=trials,
+        importance=importance,
         log=console.print,
     )
 

@@ -68,3 +68,34 @@ def test_analyze_rejects_unknown_analyses_and_two_inputs(tmp_path):
     assert r.exit_code != 0 and "bogus" in r.output
     r = CliRunner().invoke(app, ["analyze", "--needle", "--text", "x.txt", "--out", str(tmp_path)])
     assert r.exit_code != 0 and "--needle" in r.output
+
+
+def test_analyze_importance_method_reaches_head_importance(tmp_path, monkeypatch, smollm2):
+    from typer.testing import CliRunner
+
+    import attnlab.report.analyze as run
+    from attnlab.cli import app
+
+    asked = []
+
+    def fake(model, ids, *, method, progress):
+        asked.append(method)
+        return [
+            {
+                "analysis": "importance",
+                "layer": 0,
+                "head": 0,
+                "metric": "head_importance",
+                "value": 0.5,
+                "method": method,
+            }
+        ]
+
+    monkeypatch.setattr(run, "head_importance", fake)
+    args = ["analyze", "--tokens", "12", "--analyses", "importance", "--out", str(tmp_path)]
+    r = CliRunner().invoke(app, [*args, "--importance", "mask"])
+    assert r.exit_code == 0, r.output
+    assert asked == ["mask"]
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["importance"] == "mask"
+    r = CliRunner().invoke(app, [*args, "--importance", "bogus"])
+    assert r.exit_code != 0 and "--importance" in r.output

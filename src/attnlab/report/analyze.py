@@ -50,7 +50,7 @@ HEATMAPS = (  # (analysis, metric, title)
     ("patterns", "duplicate_token", "Duplicate-token score (repeated random tokens)"),
     ("patterns", "induction", "Induction score (repeated random tokens)"),
     ("retrieval", "retrieval_score", "Retrieval score (Wu et al., needle in a haystack)"),
-    ("importance", "head_importance", "Head importance (Michel et al., gradient proxy)"),
+    ("importance", "head_importance", "Head importance (Michel et al.; method in results.json)"),
 )
 FLOW_TOKENS = 24
 ROLLOUT_TOKENS = 64
@@ -83,6 +83,7 @@ def analyze(
     analyses: Sequence[str] = DEFAULT,
     out: str | Path = "attnlab-out",
     trials: int = 3,
+    importance: str = "gradient",
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -93,8 +94,10 @@ def analyze(
     with attnlab) or, with ``needle=True``, a needle-in-a-haystack prompt with
     ``tokens`` tokens of context. ``patterns`` runs on a repeated random
     sequence, ``rollout``/``flow`` on the first tokens of the input,
-    ``retrieval`` on ``trials`` generated needles, ``importance`` with the
-    gradient proxy. Returns the summary written as ``results.json``'s ``meta``.
+    ``retrieval`` on ``trials`` generated needles, ``importance`` by
+    ``importance``: ``"gradient"`` (Michel et al.'s first-order proxy) or
+    ``"mask"`` (each head masked in turn, the change in loss). Returns the
+    summary written as ``results.json``'s ``meta``.
     """
     from attnlab.models import capture, load
 
@@ -144,8 +147,9 @@ def analyze(
         if not causal:
             log("importance: skipped (the loss is next-token prediction; needs a causal LM)")
         else:
-            log("head importance (gradient proxy) ...")
-            rows.extend(head_importance(lm, ids[:, :256], method="gradient"))
+            how = "masking each head" if importance == "mask" else "gradient proxy"
+            log(f"head importance ({how}) ...")
+            rows.extend(head_importance(lm, ids[:, :256], method=importance, progress=progress))
     short = {n for n in ("rollout", "flow") if n in names}
     if short:
         n_short = min(ids.shape[1], FLOW_TOKENS if "flow" in short else ROLLOUT_TOKENS)
@@ -181,6 +185,7 @@ def analyze(
         "source": source,
         "tokens": int(ids.shape[1]),
         "analyses": names,
+        **({"importance": importance} if "importance" in names else {}),
         "seconds": round(time.perf_counter() - t0, 1),
         "n_layers": int(lm.config.num_hidden_layers),
         "n_heads": int(lm.config.num_attention_heads),
