@@ -210,35 +210,37 @@ def _parallel(fq5, fk5, v5, log_decay, causal, offset, mask):
 
 
 def _decay_factors(ld, nb, c, tokens):
-    """Decay weights of one block of ``tokens`` steps of one head, from its log decays
-    ld [T] (or [1]: the same decay at every step), in nb chunks of C.
+    """Decay weights of one block of ``tokens`` steps for X heads, from their log decays
+    ld [X, T] (or [X, 1]: the same decay at every step), in nb chunks of C.
 
-    Returns (intra [nb, C, C], into [nb, C], out_of [nb, C], chunk_w [nb + 1, nb],
-    start [nb + 1]): inside a chunk exp(L_i - L_j) (zero above the diagonal); from a
+    Returns (intra [X, nb, C, C], into [X, nb, C], out_of [X, nb, C], chunk_w [X, nb + 1, nb],
+    start [X, nb + 1]): inside a chunk exp(L_i - L_j) (zero above the diagonal); from a
     chunk's entering state to its token i; from token j to its chunk's end; from the end of
     chunk c' to the entry of chunk c (row nb: the end of the block); from the block's
     entering state to the entry of chunk c. With a constant decay (and no padding) the
-    first three are the same for every chunk and come with a leading 1 instead of nb.
+    first three are the same for every chunk and come with 1 in place of nb.
     Padded steps (past ``tokens``) do not decay. Every exponent is <= 0.
     """
-    if ld.numel() == 1 and tokens == nb * c:
-        lc = ld.expand(c).cumsum(0)[None]  # [1, C]
-        total = lc[:, -1].expand(nb)
+    x = ld.shape[0]
+    if ld.shape[-1] == 1 and tokens == nb * c:
+        lc = ld.expand(x, c).cumsum(-1)[:, None]  # [X, 1, C]
+        total = lc[:, :, -1].expand(x, nb)
     else:
-        ld = F.pad(ld.expand(tokens), (0, nb * c - tokens))
-        lc = ld.view(nb, c).cumsum(-1)
-        total = lc[:, -1]
+        ld = F.pad(ld.expand(x, tokens), (0, nb * c - tokens))
+        lc = ld.view(x, nb, c).cumsum(-1)
+        total = lc[..., -1]
     tril = torch.ones(c, c, dtype=torch.bool, device=ld.device).tril()
-    intra = torch.exp((lc[:, :, None] - lc[:, None, :]).masked_fill(~tril, float("-inf")))
-    start = F.pad(total.cumsum(0), (1, 0))  # decay before chunk c, c = 0..nb
-    gap = start[:, None] - start[None, 1:]  # entry of chunk c <- end of chunk c'
+    intra = torch.exp((lc[..., :, None] - lc[..., None, :]).masked_fill(~tril, float("-inf")))
+    start = F.pad(total.cumsum(-1), (1, 0))  # decay before chunk c, c = 0..nb
+    gap = start[:, :, None] - start[:, None, 1:]  # entry of chunk c <- end of chunk c'
     lower = torch.ones(nb + 1, nb, dtype=torch.bool, device=ld.device).tril(-1)
     chunk_w = torch.exp(gap.masked_fill(~lower, float("-inf")))
-    return intra, torch.exp(lc), torch.exp(lc[:, -1:] - lc), chunk_w, torch.exp(start)
+    return intra, torch.exp(lc), torch.exp(lc[..., -1:] - lc), chunk_w, torch.exp(start)
 
 
 def _scan_blocks(q, k, v, s, z, *, chunk, feature_map, log_decay, divide=True):
-    """The chunked causal scan (Nq == Nk): one (batch, kv head) at a time, in blocks of tokens.
+    """The chunked causal scan (Nq == Nk), a group of (batch, kv head) rows at a time, in
+    blocks of tokens.
 
     q [B, H, G, N, *] (G query heads per state), k [B, H, N, *], v [B, H, N, Dv];
     ``feature_map(x, query=...)`` turns a block of raw q or k into features [..., F] (None:
@@ -248,10 +250,11 @@ def _scan_blocks(q, k, v, s, z, *, chunk, feature_map, log_decay, divide=True):
     Inside a chunk of C tokens the masked C x C product; across the chunks of a block
     their states by one [nb + 1, nb] (decayed) prefix-sum matrix product; across blocks the
     running state. The normaliser rides along as a column of ones appended to v (the
-    state's last column is then z). One head's rows are contiguous, so a block of them is a
-    view, not a copy; a block's largest intermediate holds about ``_BLOCK_ELEMENTS``
-    floats, so temporaries stay small enough to be reused by the allocator, and nothing of
-    size N x N is built. Returns out [B, H, G, N, Dv] (normalised; with ``divide=False``
+    state's last column is then z). Long sequences go one head at a time (a block of one
+    head's rows is a view, not a copy); a sequence that fits one block goes with as many
+    heads as fit. A block's largest intermediate holds about ``_BLOCK_ELEMENTS`` floats,
+    so temporaries stay small enough to be reused by the allocator, and nothing of size
+    N x N is built. Returns out [B, H, G, N, Dv] (normalised; with ``divide=False``
     [B, H, G, N, Dv + 1], the numerator and the normaliser) and the final (s, z).
     """
     b, h, g, n, _ = q.shape
@@ -259,83 +262,94 @@ def _scan_blocks(q, k, v, s, z, *, chunk, feature_map, log_decay, divide=True):
     c, acc = max(1, min(chunk, n)), s.dtype
     normalize = z is not None
     width = -(-(dv + 1) // 8) * 8 if normalize else dv  # v, its ones column, zero padding
-    block = max(c, min(_BLOCK_CHUNKS * c, _BLOCK_ELEMENTS // (g * max(c, f, width)) // c * c))
+    per_token = g * max(c, f, width)
+    block = max(c, min(_BLOCK_CHUNKS * c, _BLOCK_ELEMENTS // per_token // c * c))
+    rows = b * h
+    group = 1
+    if n <= block:  # the whole sequence in one block: several heads a step
+        group = max(1, min(rows, _BLOCK_ELEMENTS // (-(-n // c) * c * per_token)))
+    q, k, v = q.reshape(rows, g, n, -1), k.reshape(rows, n, -1), v.reshape(rows, n, dv)
+    if log_decay is not None:
+        log_decay = log_decay.expand(b, h, -1).reshape(rows, -1)
     keep = dv if divide or not normalize else dv + 1
-    out = torch.empty(b, h, g, n, keep, dtype=acc, device=q.device)
-    final = torch.empty(b, h, f, width, dtype=acc, device=q.device)
+    out = torch.empty(rows, g, n, keep, dtype=acc, device=q.device)
+    final = torch.empty(rows, f, width, dtype=acc, device=q.device)
     v_buffer = None  # v with its ones column (and zero padding) for a block of tokens
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, s))
     if normalize and not grad:
-        v_buffer = torch.zeros(min(block, -(-n // c) * c), width, dtype=acc, device=q.device)
-        v_buffer[:, dv] = 1.0
+        v_buffer = torch.zeros(group, min(block, -(-n // c) * c), width, dtype=acc, device=q.device)
+        v_buffer[..., dv] = 1.0
     cache: dict[tuple, tuple] = {}  # per-shape constants: prefix matrices, constant decays
-    for bi in range(b):
-        for hi in range(h):
-            state = torch.zeros(f, width, dtype=acc, device=q.device)
-            state[:, :dv] = s[bi, hi]
-            if normalize:
-                state[:, dv] = z[bi, hi]
-            for t0 in range(0, n, block):
-                t1 = min(t0 + block, n)
-                nb = -(-(t1 - t0) // c)
-                pad = nb * c - (t1 - t0)
-                fq, fk = q[bi, hi, :, t0:t1].to(acc), k[bi, hi, t0:t1].to(acc)
-                if feature_map is not None:
-                    fq, fk = feature_map(fq, query=True), feature_map(fk, query=False)
-                if v_buffer is not None:  # no autograd: one buffer, refilled
-                    v_buffer[: t1 - t0, :dv] = v[bi, hi, t0:t1]
-                    vb = v_buffer[: nb * c]
+    for r0 in range(0, rows, group):
+        r1 = min(r0 + group, rows)
+        x = r1 - r0
+        state = torch.zeros(x, f, width, dtype=acc, device=q.device)
+        state[..., :dv] = s.reshape(rows, f, dv)[r0:r1]
+        if normalize:
+            state[..., dv] = z.reshape(rows, f)[r0:r1]
+        for t0 in range(0, n, block):
+            t1 = min(t0 + block, n)
+            nb = -(-(t1 - t0) // c)
+            pad = nb * c - (t1 - t0)
+            fq, fk = q[r0:r1, :, t0:t1].to(acc), k[r0:r1, t0:t1].to(acc)
+            if feature_map is not None:
+                fq, fk = feature_map(fq, query=True), feature_map(fk, query=False)
+            if v_buffer is not None:  # no autograd: one buffer, refilled
+                v_buffer[:x, : t1 - t0, :dv] = v[r0:r1, t0:t1]
+                vb = v_buffer[:x, : nb * c]
+            else:
+                vb = v[r0:r1, t0:t1].to(acc)
+                if pad or width != dv:
+                    vb = F.pad(vb, (0, width - dv, 0, pad))
+                    if normalize:
+                        vb[..., dv] = 1.0  # padded rows too: their keys' features are zero
+            if pad:
+                fq, fk = F.pad(fq, (0, 0, 0, pad)), F.pad(fk, (0, 0, 0, pad))
+            fq = fq.reshape(x, g, nb, c, f).transpose(1, 2).reshape(x * nb, g * c, f)
+            fk, vb = fk.reshape(x * nb, c, f), vb.reshape(x * nb, c, width)
+            if log_decay is None:
+                if ("prefix", nb) not in cache:
+                    ones = torch.ones(nb + 1, nb, dtype=acc, device=q.device)
+                    cache["prefix", nb] = (ones.tril_(-1),)
+                (chunk_w,) = cache["prefix", nb]
+                q_in, fk_out, start = fq, fk, None
+            else:
+                if log_decay.shape[-1] > 1:
+                    weights = _decay_factors(log_decay[r0:r1, t0:t1], nb, c, t1 - t0)
                 else:
-                    vb = v[bi, hi, t0:t1].to(acc)
-                    if pad or width != dv:
-                        vb = F.pad(vb, (0, width - dv, 0, pad))
-                        if normalize:
-                            vb[:, dv] = 1.0  # padded rows too: their keys' features are zero
-                if pad:
-                    fq, fk = F.pad(fq, (0, 0, 0, pad)), F.pad(fk, (0, 0, 0, pad))
-                fq = fq.reshape(g, nb, c, f).transpose(0, 1).reshape(nb, g * c, f)
-                fk, vb = fk.reshape(nb, c, f), vb.reshape(nb, c, width)
-                if log_decay is None:
-                    if ("prefix", nb) not in cache:
-                        ones = torch.ones(nb + 1, nb, dtype=acc, device=q.device)
-                        cache["prefix", nb] = (ones.tril_(-1),)
-                    (chunk_w,) = cache["prefix", nb]
-                    q_in, fk_out, start = fq, fk, None
-                else:
-                    lb = min(bi, log_decay.shape[0] - 1)
-                    lh = min(hi, log_decay.shape[1] - 1)
-                    if log_decay.shape[-1] > 1:
-                        weights = _decay_factors(log_decay[lb, lh, t0:t1], nb, c, t1 - t0)
-                    else:
-                        key = ("decay", lb, lh, nb, pad)
-                        if key not in cache:
-                            cache[key] = _decay_factors(log_decay[lb, lh], nb, c, t1 - t0)
-                        weights = cache[key]
-                    intra, into, out_of, chunk_w, start = weights
-                    fk_out = fk * out_of[..., None]
-                    q_in = (fq.view(nb, g, c, f) * into[:, None, :, None]).view(nb, g * c, f)
-                kv = torch.bmm(fk_out.transpose(1, 2), vb).view(nb, f * width)
-                states = torch.mm(chunk_w, kv)  # [nb + 1, F*W]: entering each chunk, the end
-                if start is None:
-                    states += state.view(1, -1)
-                else:
-                    states.addmm_(start[:, None], state.view(1, -1))
-                scores = torch.bmm(fq, fk.transpose(1, 2))  # [nb, G*C, C]
-                if log_decay is None:
-                    scores.view(-1, c, c).tril_()
-                else:
-                    scores.view(nb, g, c, c).mul_(intra[:, None])
-                o = torch.bmm(scores, vb)
-                o.baddbmm_(q_in, states[:nb].view(nb, f, width))
-                state = states[nb].view(f, width)
-                o = o.view(nb, g, c, width).transpose(0, 1).reshape(g, nb * c, width)
-                o = o[:, : t1 - t0]
-                if normalize and divide:
-                    den = o[..., dv : dv + 1].clamp_min(torch.finfo(acc).tiny)
-                    out[bi, hi, :, t0:t1] = o[..., :dv] / den  # a row that sees nothing: 0
-                else:
-                    out[bi, hi, :, t0:t1] = o[..., :keep]
-            final[bi, hi] = state
+                    key = ("decay", r0, nb, pad)
+                    if key not in cache:
+                        cache[key] = _decay_factors(log_decay[r0:r1], nb, c, t1 - t0)
+                    weights = cache[key]
+                intra, into, out_of, chunk_w, start = weights
+                fk_out = (fk.view(x, -1, c, f) * out_of[..., None]).view(x * nb, c, f)
+                q_in = fq.view(x, nb, g, c, f) * into[:, :, None, :, None]
+                q_in = q_in.view(x * nb, g * c, f)
+            kv = torch.bmm(fk_out.transpose(1, 2), vb).view(x, nb, f * width)
+            states = torch.matmul(chunk_w, kv)  # [X, nb + 1, F*W]: entering each chunk, end
+            if start is None:
+                states += state.view(x, 1, -1)
+            else:
+                states.baddbmm_(start[:, :, None], state.view(x, 1, -1))
+            scores = torch.bmm(fq, fk.transpose(1, 2))  # [X*nb, G*C, C]
+            if log_decay is None:
+                scores.view(-1, c, c).tril_()
+            else:
+                scores.view(x, nb, g, c, c).mul_(intra[:, :, None])
+            o = torch.bmm(scores, vb)
+            entering = states[:, :nb] if x == 1 else states[:, :nb].contiguous()
+            o.baddbmm_(q_in, entering.view(x * nb, f, width))
+            state = states[:, nb].view(x, f, width)
+            o = o.view(x, nb, g, c, width).transpose(1, 2).reshape(x, g, nb * c, width)
+            o = o[:, :, : t1 - t0]
+            if normalize and divide:
+                den = o[..., dv : dv + 1].clamp_min(torch.finfo(acc).tiny)
+                out[r0:r1, :, t0:t1] = o[..., :dv] / den  # a row that sees nothing: 0
+            else:
+                out[r0:r1, :, t0:t1] = o[..., :keep]
+        final[r0:r1] = state
+    out = out.view(b, h, g, n, keep)
+    final = final.view(b, h, f, width)
     return out, final[..., :dv], (final[..., dv] if normalize else None)
 
 
