@@ -231,12 +231,11 @@ def test_dhsa_chunks_respect_the_grid():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("top_k", [2, 4])
 def test_moba_tiled_inference_path_matches_dense(monkeypatch, causal, top_k):
-    """The tiled inference path (causal sub-blocks of the own block, capped calls per
-    key block and head, gate in row chunks) equals the dense answer of its selection."""
+    """The tiled inference path (causal sub-blocks of the own block, padded per-block
+    calls, gate in row chunks, own pieces) equals the dense answer of its selection."""
     import attnlab.mechanisms.sparse.moba as moba
 
     monkeypatch.setattr(moba, "_OWN_TILE", 4)
-    monkeypatch.setattr(moba, "_CALL_ROWS", 3)
     monkeypatch.setattr(moba, "_GATE_ROWS", 5)
     monkeypatch.setattr(moba, "_OWN_ROWS", 1)
     q, k, v = rand(b=2, h=4, n=48)

@@ -28,9 +28,6 @@ TILED_DTYPES = (torch.float32, torch.float64)
 # kernel computes a whole [queries, keys] tile, so a 512-query causal square costs
 # a full square; sub-blocks attending their prefix compute 5/8 of it
 _OWN_TILE = 128
-# most queries per call against one key block: longer lists take the kernel's
-# 256-query tiles, which split poorly over the cores (measured)
-_CALL_ROWS = 512
 # query rows per piece when whole blocks attend themselves (temporaries of a few MiB)
 _OWN_ROWS = 1 << 15
 # queries gated at a time in moba_select
@@ -116,10 +113,12 @@ def tiled_moba(q, k, v, sel, *, block: int, scale: float, causal: bool) -> torch
 
     Inputs as :func:`tiled_applies` accepts; ``sel`` from :func:`moba_select`
     (slot 0 the own block). First the other blocks: for each slot, key block
-    j and head, the queries that chose j in that slot are gathered into
-    calls of at most ``_CALL_ROWS`` queries against block j, read in place
-    (no key gather); results and log-sum-exps land in per-slot buffers in
-    query order (a query has one block per slot, so rows never collide).
+    j, the queries of every head that chose j in that slot are gathered into
+    one call against block j (the heads as its batch, each head's list
+    padded to the longest), the block read in place (no key gather);
+    results and log-sum-exps land in per-slot buffers in query order (a
+    query has one block per slot, so rows never collide; padding writes an
+    extra row; the first slot's buffer is the output itself).
     Then every query attends its own key block, all blocks batched in one
     call per piece; under the causal rule the block is cut into sub-blocks
     of ``_OWN_TILE`` queries, each attending only the prefix of its block up
@@ -135,40 +134,45 @@ def tiled_moba(q, k, v, sel, *, block: int, scale: float, causal: bool) -> torch
     qb, kb, vb = (x.reshape(bh, nb, block, d) for x in (q, k, v))
     other = sel[..., 1:].reshape(bh * n, -1).t()  # [slots, B*H*Nq]
     slots = other.shape[0]
-    o2 = q.new_zeros(slots, bh * n, d)
-    l2 = q.new_full((slots, bh * n), NEG_INF)
     valid = other >= 0
+    # slot 0's results go straight into the output, which the own blocks then merge
+    # into; every buffer has one extra row that padding rows write to
+    dummy = bh * n
+    out = q.new_empty(dummy + 1, d)
+    o2 = [out, *(q.new_empty(dummy + 1, d) for _ in range(1, slots))]
+    l2 = q.new_full((slots, dummy + 1), NEG_INF)
+    for s in range(slots):  # merged with weight 0, but must be finite
+        o2[s].index_fill_(0, (~valid[s]).nonzero().squeeze(1), 0.0)
     if slots and bool(valid.any()):
         slot, rows = valid.nonzero(as_tuple=True)
         chosen = other[slot, rows]
-        # sorted by (slot, key block, head, query): each (slot, block, head) list is one call
+        # sorted by (slot, key block, head, query); each (slot, block) is one call with
+        # the heads as its batch, every head's list padded to the longest
         segment = slot * nb + chosen
-        order = (segment * (bh * n) + rows).argsort()
+        order = (segment * dummy + rows).argsort()
         rows, segment = rows[order], segment[order]
-        counts = torch.bincount(segment * bh + rows // n, minlength=slots * nb * bh)
-        counts = counts.view(slots * nb, bh).tolist()
-        q_flat = q.reshape(bh * n, d)
-        start = 0
-        for seg, per_head in enumerate(counts):
-            total = sum(per_head)
-            if total == 0:
+        group = segment * bh + rows // n
+        counts = torch.bincount(group, minlength=slots * nb * bh)
+        rank = torch.arange(rows.numel(), device=q.device) - (counts.cumsum(0) - counts)[group]
+        longest = counts.view(slots * nb, bh).amax(dim=1)
+        width = int(longest.max())
+        lists = torch.full((slots * nb * bh * width,), dummy, device=q.device)
+        lists[group * width + rank] = rows
+        lists = lists.view(slots * nb, bh, width)
+        q_flat = q.reshape(dummy, d)
+        for seg, length in enumerate(longest.tolist()):
+            if length == 0:
                 continue
             s, j = divmod(seg, nb)
-            idx = rows[start : start + total]
-            start += total
-            qj = q_flat.index_select(0, idx)
-            at = 0
-            for hh, count in enumerate(per_head):
-                kj, vj = kb[hh, j].view(1, 1, block, d), vb[hh, j].view(1, 1, block, d)
-                pieces = -(-count // _CALL_ROWS)
-                for p in range(pieces):
-                    a0, a1 = at + p * count // pieces, at + (p + 1) * count // pieces
-                    o, lse = flash(qj[a0:a1].view(1, 1, a1 - a0, d), kj, vj, scale=scale)
-                    o2[s].index_copy_(0, idx[a0:a1], o.view(a1 - a0, d))
-                    l2[s].index_copy_(0, idx[a0:a1], lse.view(a1 - a0))
-                at += count
-    o2, l2 = o2.view(slots, bh, nb, block, d), l2.view(slots, bh, nb, block)
-    out = q.new_empty(bh, nb, block, d)
+            scatter = lists[seg, :, :length].flatten()
+            gather = torch.where(scatter < dummy, scatter, 0)
+            qj = q_flat.index_select(0, gather).view(bh, 1, length, d)
+            o, lse = flash(qj, kb[:, j, None], vb[:, j, None], scale=scale)
+            o2[s].index_copy_(0, scatter, o.reshape(-1, d))
+            l2[s].index_copy_(0, scatter, lse.reshape(-1))
+    o2 = [x[:dummy].view(bh, nb, block, d) for x in o2]
+    l2 = l2[:, :dummy].view(slots, bh, nb, block)
+    out = out[:dummy].view(bh, nb, block, d)
     sub = _OWN_TILE if causal and block > _OWN_TILE and block % _OWN_TILE == 0 else block
     step = nb if sub < block else max(1, _OWN_ROWS // (bh * block))
     for m0 in range(0, nb, step):
@@ -195,9 +199,10 @@ def tiled_moba(q, k, v, sel, *, block: int, scale: float, causal: bool) -> torch
             top = torch.maximum(l1, lo.amax(dim=0))
             w1, wo = (l1 - top).exp_(), (lo - top).exp_()
             total = w1 + wo.sum(dim=0)
-            torch.mul(o1, w1.div_(total)[..., None], out=target)
-            for s in range(slots):
-                target.addcmul_(o2[s, :, ms, rs], wo[s].div_(total)[..., None])
+            wo = wo.div_(total)[..., None]
+            target.mul_(wo[0]).addcmul_(o1, w1.div_(total)[..., None])
+            for s in range(1, slots):
+                target.addcmul_(o2[s][:, ms, rs], wo[s])
     return out.view(b, h, n, d)
 
 
