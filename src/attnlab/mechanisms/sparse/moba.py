@@ -28,6 +28,9 @@ TILED_DTYPES = (torch.float32, torch.float64)
 # kernel computes a whole [queries, keys] tile, so a 512-query causal square costs
 # a full square; sub-blocks attending their prefix compute 5/8 of it
 _OWN_TILE = 128
+# heads per call against one key block in the tiled path: each head's list is padded
+# to the longest of its group (8 heads: ~29% padding at N=16384, pairs: ~10%)
+_HEAD_GROUP = 2
 # query rows per piece when whole blocks attend themselves (temporaries of a few MiB)
 _OWN_ROWS = 1 << 15
 # queries gated at a time in moba_select
@@ -114,8 +117,8 @@ def tiled_moba(q, k, v, sel, *, block: int, scale: float, causal: bool) -> torch
     Inputs as :func:`tiled_applies` accepts; ``sel`` from :func:`moba_select`
     (slot 0 the own block). First the other blocks: for each slot, key block
     j, the queries of every head that chose j in that slot are gathered into
-    one call against block j (the heads as its batch, each head's list
-    padded to the longest), the block read in place (no key gather);
+    calls against block j (``_HEAD_GROUP`` heads as the batch of a call,
+    each head's list padded to the longest), the block read in place (no key gather);
     results and log-sum-exps land in per-slot buffers in query order (a
     query has one block per slot, so rows never collide; padding writes an
     extra row; the first slot's buffer is the output itself).
@@ -154,22 +157,25 @@ def tiled_moba(q, k, v, sel, *, block: int, scale: float, causal: bool) -> torch
         group = segment * bh + rows // n
         counts = torch.bincount(group, minlength=slots * nb * bh)
         rank = torch.arange(rows.numel(), device=q.device) - (counts.cumsum(0) - counts)[group]
-        longest = counts.view(slots * nb, bh).amax(dim=1)
+        heads = _HEAD_GROUP if bh % _HEAD_GROUP == 0 else 1
+        longest = counts.view(slots * nb, bh // heads, heads).amax(dim=2)
         width = int(longest.max())
         lists = torch.full((slots * nb * bh * width,), dummy, device=q.device)
         lists[group * width + rank] = rows
         lists = lists.view(slots * nb, bh, width)
         q_flat = q.reshape(dummy, d)
-        for seg, length in enumerate(longest.tolist()):
-            if length == 0:
-                continue
+        for seg, per_group in enumerate(longest.tolist()):
             s, j = divmod(seg, nb)
-            scatter = lists[seg, :, :length].flatten()
-            gather = torch.where(scatter < dummy, scatter, 0)
-            qj = q_flat.index_select(0, gather).view(bh, 1, length, d)
-            o, lse = flash(qj, kb[:, j, None], vb[:, j, None], scale=scale)
-            o2[s].index_copy_(0, scatter, o.reshape(-1, d))
-            l2[s].index_copy_(0, scatter, lse.reshape(-1))
+            for g, length in enumerate(per_group):
+                if length == 0:
+                    continue
+                hs = slice(g * heads, (g + 1) * heads)
+                scatter = lists[seg, hs, :length].flatten()
+                gather = torch.where(scatter < dummy, scatter, 0)
+                qj = q_flat.index_select(0, gather).view(heads, 1, length, d)
+                o, lse = flash(qj, kb[hs, j, None], vb[hs, j, None], scale=scale)
+                o2[s].index_copy_(0, scatter, o.reshape(-1, d))
+                l2[s].index_copy_(0, scatter, lse.reshape(-1))
     o2 = [x[:dummy].view(bh, nb, block, d) for x in o2]
     l2 = l2[:, :dummy].view(slots, bh, nb, block)
     out = out[:dummy].view(bh, nb, block, d)
