@@ -60,6 +60,10 @@ _BLOCK_ELEMENTS = 1 << 20
 # Chunks per block at most: the prefix over a block's chunk states is an [nb + 1, nb]
 # matrix product, O(nb²·F·Dv), so nb stays small.
 _BLOCK_CHUNKS = 16
+# On a GPU the per-block Python loop, not the cache, is the cost: blocks as large as memory
+# comfortably allows (all heads and the whole sequence at once up to ~256 chunks).
+_BLOCK_ELEMENTS_GPU = 1 << 27
+_BLOCK_CHUNKS_GPU = 256
 
 
 def choose_chunk(n: int) -> int:
@@ -263,11 +267,14 @@ def _scan_blocks(q, k, v, s, z, *, chunk, feature_map, log_decay, divide=True):
     normalize = z is not None
     width = -(-(dv + 1) // 8) * 8 if normalize else dv  # v, its ones column, zero padding
     per_token = g * max(c, f, width)
-    block = max(c, min(_BLOCK_CHUNKS * c, _BLOCK_ELEMENTS // per_token // c * c))
+    budget, max_chunks = _BLOCK_ELEMENTS, _BLOCK_CHUNKS
+    if q.device.type != "cpu":
+        budget, max_chunks = _BLOCK_ELEMENTS_GPU, _BLOCK_CHUNKS_GPU
+    block = max(c, min(max_chunks * c, budget // per_token // c * c))
     rows = b * h
     group = 1
     if n <= block:  # the whole sequence in one block: several heads a step
-        group = max(1, min(rows, _BLOCK_ELEMENTS // (-(-n // c) * c * per_token)))
+        group = max(1, min(rows, budget // (-(-n // c) * c * per_token)))
     q, k, v = q.reshape(rows, g, n, -1), k.reshape(rows, n, -1), v.reshape(rows, n, dv)
     if log_decay is not None:
         log_decay = log_decay.expand(b, h, -1).reshape(rows, -1)
