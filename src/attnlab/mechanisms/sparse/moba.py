@@ -75,14 +75,20 @@ def moba_select(q, k, *, block: int, top_k: int, causal: bool) -> torch.Tensor:
         # rows of queries at a time, so that the gate stays cache-sized
         for q0 in range(0, nq, _GATE_ROWS):
             q1 = min(q0 + _GATE_ROWS, nq)
-            gate = q[:, :, q0:q1] @ centroids.transpose(-1, -2)  # [B, H, rows, nkb]
-            mine = own[q0:q1, None]
-            gate.masked_fill_(cols >= mine if causal else cols == mine, NEG_INF)
-            if n_other == 1:
-                val, idx = gate.max(dim=-1, keepdim=True)
-            else:
-                val, idx = gate.topk(n_other, dim=-1, sorted=False)
-            picks.append(torch.where(torch.isinf(val), -1, idx))
+            # causal: blocks from the chunk's last own block on are never eligible
+            hi = max(0, int(own[q1 - 1])) if causal else nkb
+            idx = torch.full((b, h, q1 - q0, n_other), -1, dtype=torch.long, device=q.device)
+            if hi > 0:
+                gate = q[:, :, q0:q1] @ centroids[:, :, :hi].transpose(-1, -2)  # [B, H, rows, hi]
+                mine = own[q0:q1, None]
+                gate.masked_fill_(cols[:hi] >= mine if causal else cols == mine, NEG_INF)
+                width = min(n_other, hi)
+                if width == 1:
+                    val, top = gate.max(dim=-1, keepdim=True)
+                else:
+                    val, top = gate.topk(width, dim=-1, sorted=False)
+                idx[..., :width] = torch.where(torch.isinf(val), -1, top)
+            picks.append(idx)
     idx = picks[0] if len(picks) == 1 else torch.cat(picks, dim=2)
     return torch.cat([sel_own, idx], dim=-1)
 
