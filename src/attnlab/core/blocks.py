@@ -62,7 +62,7 @@ _FUSED_MIN_ELEMENTS = 1 << 16
 _CHUNK_ELEMENTS = 1 << 24
 # bytes of gathered keys and values per piece: small temporaries are reused by the
 # allocator, large ones are page-faulted afresh on every call
-_GATHER_BYTES = 1 << 22
+_GATHER_BYTES = 1 << 23
 
 
 @dataclass(eq=False)
