@@ -121,11 +121,11 @@ def tiled_moba(q, k, v, sel, *, block: int, scale: float, causal: bool) -> torch
     """MoBA attention in torch's fused CPU flash kernel, tile by tile (inference).
 
     Inputs as :func:`tiled_applies` accepts; ``sel`` from :func:`moba_select`
-    (slot 0 the own block). First the other blocks: for each slot, key block
-    j, the queries of every head that chose j in that slot are gathered into
-    calls against block j (``_HEAD_GROUP`` heads as the batch of a call,
-    each head's list padded to the longest), the block read in place (no key gather);
-    results and log-sum-exps land in per-slot buffers in query order (a
+    (slot 0 the own block). First the other blocks: for each slot and key
+    block j, the queries that chose j in that slot are gathered into calls
+    against block j (``_HEAD_GROUP`` heads as the batch of a call, each
+    head's list padded to the longest of them), the block read in place (no
+    key gather); results and log-sum-exps land in per-slot buffers in query order (a
     query has one block per slot, so rows never collide; padding writes an
     extra row; the first slot's buffer is the output itself).
     Then every query attends its own key block, all blocks batched in one
@@ -155,8 +155,8 @@ def tiled_moba(q, k, v, sel, *, block: int, scale: float, causal: bool) -> torch
     if slots and bool(valid.any()):
         slot, rows = valid.nonzero(as_tuple=True)
         chosen = other[slot, rows]
-        # sorted by (slot, key block, head, query); each (slot, block) is one call with
-        # the heads as its batch, every head's list padded to the longest
+        # sorted by (slot, key block, head, query); per (slot, block), one call for each
+        # group of heads, every head's list padded to the longest of its group
         segment = slot * nb + chosen
         order = (segment * dummy + rows).argsort()
         rows, segment = rows[order], segment[order]
@@ -266,9 +266,9 @@ class MoBA(KVCacheDecode, Mechanism):
     Dv != D it falls back to ``"torch"``: the same tiles in plain PyTorch ops
     (trainable by autograd). Without gradients, on CPU in float32/float64,
     with no mask and whole blocks of as many queries as keys, ``"auto"``
-    takes :func:`tiled_moba` instead (own blocks in one call, the other
-    blocks' queries gathered per key block and merged by log-sum-exp; no
-    key gather, no padding tiles). ``"flex"`` runs FlexAttention over the union of
+    takes :func:`tiled_moba` instead (own blocks batched, the other blocks'
+    queries gathered per key block and merged by log-sum-exp; no key
+    gather). ``"flex"`` runs FlexAttention over the union of
     the blocks each query block chose, with a per-token rule (inference only;
     compiled per shape, slower than ``"auto"`` on CPU).
     """
