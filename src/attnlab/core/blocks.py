@@ -337,12 +337,12 @@ def torch_block_attention(
     the user's mask entering as an additive -inf bias. Rows that see nothing
     give zeros. Half precision accumulates in float32 inside the kernel.
 
-    Gathers are cut into pieces of about ``_GATHER_BYTES`` so that every
-    temporary stays small enough for the allocator to reuse (a fresh large
-    buffer is page-faulted on first touch); where every query block of a run
-    has the same token mask, one [bq, S*bk] bias serves them all. Without
-    gradients the pieces are written into one preallocated output, and
-    gathered pieces go head by head (a head's keys stay in cache).
+    Where every query block of a run has the same token mask, one
+    [bq, S*bk] bias serves them all. Without gradients the results are
+    written into one preallocated output, and gathers go head by head in
+    pieces of about ``_GATHER_BYTES``, so that a head's keys stay in cache
+    and every temporary stays small enough for the allocator to reuse (a
+    fresh large buffer is page-faulted on first touch).
     """
     b, hq, nq, _ = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -368,8 +368,8 @@ def torch_block_attention(
         by_head = by_head and (plain or shared is not None)
         heads = 1 if by_head else hq
         step = r1 - r0
-        if start is None:
-            step = max(1, _GATHER_BYTES * hq // (row_bytes * heads * used))
+        if by_head:  # with gradients every gathered piece is kept for the backward anyway
+            step = max(1, _GATHER_BYTES // (row_bytes // hq * used))
         per_head = layout.kv_indices.shape[1] > 1
         for h0 in range(0, hq, heads):
             hs = slice(h0, h0 + heads)
