@@ -294,7 +294,7 @@ def test_flex_form_refuses_gradients_and_float64():
 @pytest.mark.parametrize("causal", [False, True])
 def test_gather_pieces_and_shared_bias_match_dense(monkeypatch, causal):
     """Gathers cut into one-block pieces, shared per-run biases and the preallocated
-    output (no gradients) give the dense answer; with gradients the pieces are joined."""
+    output (no gradients) give the dense answer; so do whole runs with gradients."""
     monkeypatch.setattr(attnlab.core.blocks, "_GATHER_BYTES", 1)
     n, heads = 70, 3
     mech = attnlab.get("blocksparse", local=2, global_blocks=1, random=1, block=8, form="torch")

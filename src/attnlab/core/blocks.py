@@ -60,10 +60,11 @@ FLEX_COMPILE_MIN_PAIRS = 64 * 64
 _FUSED_MIN_ELEMENTS = 1 << 16
 # elements of one gathered score chunk in the trainable path
 _CHUNK_ELEMENTS = 1 << 24
-# bytes of gathered keys and values per piece: below glibc's 32 MiB mmap threshold the
-# allocator reuses them (larger ones are page-faulted afresh on every call); fewer,
-# larger SDPA calls measured faster (blocksparse at N=16384: 16 MiB > 8 > 4 > 1)
-_GATHER_BYTES = 1 << 24
+# bytes of gathered keys and values per piece (inference): below glibc's 32 MiB mmap
+# threshold the allocator reuses them (larger ones are page-faulted afresh on every
+# call); fewer, larger SDPA calls measured faster (blocksparse at N=16384: 8 MiB best,
+# 16 MiB and head-by-head pieces within noise of it, 1 MiB clearly slower)
+_GATHER_BYTES = 1 << 23
 
 
 @dataclass(eq=False)
@@ -339,9 +340,8 @@ def torch_block_attention(
 
     Where every query block of a run has the same token mask, one
     [bq, S*bk] bias serves them all. Without gradients the results are
-    written into one preallocated output, and gathers go head by head in
-    pieces of about ``_GATHER_BYTES``, so that a head's keys stay in cache
-    and every temporary stays small enough for the allocator to reuse (a
+    written into one preallocated output, and gathers are cut into pieces
+    of about ``_GATHER_BYTES``, small enough for the allocator to reuse (a
     fresh large buffer is page-faulted on first touch).
     """
     b, hq, nq, _ = q.shape
@@ -359,61 +359,51 @@ def torch_block_attention(
     for r0, r1, used, plain, all_seen in layout.runs(b * hq):
         plain = plain and mask is None
         start = layout.sliding_start(r0, r1, used) if hq == hkv else None
+        step = r1 - r0
+        if start is None and out is not None:
+            # gathered pieces only without gradients: with them autograd keeps every piece
+            step = max(1, _GATHER_BYTES // (row_bytes * used))
         shared = None
         if not plain and mask is None:
             shared = layout.shared_bias(r0, r1, used, q.dtype)
-        # without gradients, gathered pieces go head by head: a head's keys and values
-        # stay in cache across its query blocks (random blocks included)
-        by_head = out is not None and start is None and mask is None
-        by_head = by_head and (plain or shared is not None)
-        heads = 1 if by_head else hq
-        step = r1 - r0
-        if by_head:  # with gradients every gathered piece is kept for the backward anyway
-            step = max(1, _GATHER_BYTES // (row_bytes // hq * used))
-        per_head = layout.kv_indices.shape[1] > 1
-        for h0 in range(0, hq, heads):
-            hs = slice(h0, h0 + heads)
-            for c0 in range(r0, r1, step):
-                c1 = min(c0 + step, r1)
-                if start is None:
-                    # one row index per gathered block: index_select copies whole blocks
-                    idx = layout.kv_indices[:, hs if per_head else slice(None), c0:c1, :used]
-                    rows = ((bi * hkv + hi[:, hs]) * nkb + idx).flatten()
-                    kg, vg = (
-                        x.reshape(-1, bs, x.shape[-1])
-                        .index_select(0, rows)
-                        .view(b, heads, c1 - c0, used * bs, x.shape[-1])
-                        for x in (kb, vb)
-                    )  # [B, heads, c, used*bs, D]
+        for c0 in range(r0, r1, step):
+            c1 = min(c0 + step, r1)
+            if start is None:
+                # one row index per gathered block: index_select copies whole blocks
+                rows = ((bi * hkv + hi) * nkb + layout.kv_indices[:, :, c0:c1, :used]).flatten()
+                kg, vg = (
+                    x.reshape(-1, bs, x.shape[-1])
+                    .index_select(0, rows)
+                    .view(b, hq, c1 - c0, used * bs, x.shape[-1])
+                    for x in (kb, vb)
+                )  # [B, H, c, used*bs, D]
+            else:
+                # query block c0 + i visits key blocks start + i ... start + i + used - 1:
+                # overlapping strided views of k and v, no copy
+                s0 = start + c0 - r0
+                kg, vg = (_sliding_view(x, s0, c1 - c0, used * bs, bs) for x in (kb, vb))
+            keys = slice(0, used * bs)
+            bias, seen = None, None
+            if not plain:
+                if shared is not None:
+                    bias = shared
+                elif mask is None:
+                    bias = layout.bias(q.dtype)[:, :, c0:c1, :, keys]
+                    seen = None if all_seen else layout.seen()[:, :, c0:c1]
                 else:
-                    # query block c0 + i visits key blocks start + i ... start + i + used - 1:
-                    # overlapping strided views of k and v, no copy
-                    s0 = start + c0 - r0
-                    kg, vg = (_sliding_view(x, s0, c1 - c0, used * bs, bs) for x in (kb, vb))
-                keys = slice(0, used * bs)
-                bias, seen = None, None
-                if not plain:  # by_head: only a shared bias; otherwise all heads at once
-                    if shared is not None:
-                        bias = shared
-                    elif mask is None:
-                        bias = layout.bias(q.dtype)[:, :, c0:c1, :, keys]
-                        seen = None if all_seen else layout.seen()[:, :, c0:c1]
-                    else:
-                        qpos, kpos = layout.positions(c0, c1)
-                        user = _user_mask_at(mask, qpos, kpos[..., keys], nq, nk)
-                        allowed = layout.allowed()[:, :, c0:c1, :, keys] & user
-                        bias, seen = _bias(allowed, q.dtype)
-                    if bias.dim() == 5:
-                        bias = bias.expand(b, hq, -1, -1, -1).flatten(0, 1)
-                qc = qb[:, hs, c0:c1].flatten(0, 1)
-                o = _attend(qc, kg.flatten(0, 1), vg.flatten(0, 1), bias, scale)
-                o = o.unflatten(0, (b, heads))
-                if seen is not None:
-                    o = o * seen.to(o.dtype)
-                if out is None:
-                    outs.append(o)
-                else:
-                    out[:, hs, c0:c1].copy_(o)
+                    qpos, kpos = layout.positions(c0, c1)
+                    user = _user_mask_at(mask, qpos, kpos[..., keys], nq, nk)
+                    bias, seen = _bias(layout.allowed()[:, :, c0:c1, :, keys] & user, q.dtype)
+                if bias.dim() == 5:
+                    bias = bias.expand(b, hq, -1, -1, -1).flatten(0, 1)
+            qc = qb[:, :, c0:c1].flatten(0, 1)
+            o = _attend(qc, kg.flatten(0, 1), vg.flatten(0, 1), bias, scale).unflatten(0, (b, hq))
+            if seen is not None:
+                o = o * seen.to(o.dtype)
+            if out is None:
+                outs.append(o)
+            else:
+                out[:, :, c0:c1].copy_(o)
     if out is None:
         out = torch.cat(outs, dim=2)
     return out.view(b, hq, nqb * bs, dv)[:, :, :nq]
