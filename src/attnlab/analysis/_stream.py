@@ -94,8 +94,31 @@ def row_entropy(
     return torch.where(alive, h, 0.0).clamp_min_(0.0), alive
 
 
+def _cached(cache: list, probs: torch.Tensor, key: tuple, compute):
+    """``compute()`` for the block tensor ``probs``, or the value kept from the last call
+    with the same (live) tensor and ``key``: analyses handed the same block share it."""
+    last = cache[0]
+    if last is not None and last[0]() is probs and last[1] == key:
+        return last[2]
+    out = compute()
+    cache[0] = (weakref.ref(probs), key, out)
+    return out
+
+
+# the last block's column sums and distance moments, keyed by the block tensor itself
+_COLUMNS: list = [None]
+_MOMENTS: list = [None]
+
+
 def column_sums(probs: torch.Tensor) -> torch.Tensor:
-    """Float [H, K]: ``probs`` [B, H, r, K] summed over the batch and the rows (one matmul)."""
+    """Float [H, K]: ``probs`` [B, H, r, K] summed over the batch and the rows (one matmul).
+
+    Analyses handed the same block tensor share one computation.
+    """
+    return _cached(_COLUMNS, probs, (), lambda: _column_sums(probs))
+
+
+def _column_sums(probs: torch.Tensor) -> torch.Tensor:
     ones = probs.new_ones(1, probs.shape[-2])
     return torch.matmul(ones, probs).sum(0)[:, 0]
 
@@ -112,42 +135,36 @@ def _times_features(probs: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
 
 def distance_moments(
     probs: torch.Tensor, first: int, causal: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row of ``probs`` [B, H, r, K] (query ``i = first + row``, key ``j``), float [B, H, r]:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``probs`` [B, H, r, K] (query ``i = first + row``, key ``j``):
 
-    ``(back_mass, back_dist, fwd_dist)`` = ``sum_{j <= i} p_ij``,
-    ``sum_{j <= i} p_ij (i - j)`` and ``sum_{j > i} p_ij (j - i)``. The block times
-    ``[1, j - first]`` over all keys (positions relative to the block keep the
-    float32 sums small), plus, without causality, the same over the keys after
-    the block and the block's own square. Analyses handed the same block tensor
-    share one computation.
+    ``(back_mass, dist)``: float [B, H, r] ``sum_{j <= i} p_ij``, and float64 [H]
+    ``sum_{b, i} sum_j p_ij |i - j|``, the attention distance summed over the
+    batch and the block's rows. Causal blocks (``p_ij = 0`` for ``j > i``): the
+    row sums (one matrix-vector product) and the block's column sums ``c_j``
+    (shared with :func:`column_sums`) give
+    ``dist = sum_i (i - first) mass_i - sum_j (j - first) c_j`` (positions
+    relative to the block keep the float32 sums small; combined in float64).
+    Without causality, the block times ``[1, j - first]`` per row, plus the keys
+    after each query (the block's own square and every key past it). Analyses
+    handed the same block tensor share one computation.
     """
-    last = _MOMENTS[0]
-    if last is not None and last[0]() is probs and last[1:3] == (first, causal):
-        return last[3]  # another analysis already asked for this block's moments
-    out = _distance_moments(probs, first, causal)
-    _MOMENTS[0] = (weakref.ref(probs), first, causal, out)
-    return out
+    return _cached(_MOMENTS, probs, (first, causal), lambda: _moments(probs, first, causal))
 
 
-# the last block's moments, keyed by the (live) block tensor itself
-_MOMENTS: list = [None]
-
-
-def _distance_moments(
-    probs: torch.Tensor, first: int, causal: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _moments(probs: torch.Tensor, first: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     r, nk = probs.shape[-2], probs.shape[-1]
     dev = probs.device
-    feats = torch.stack(
-        [torch.ones(nk, device=dev), torch.arange(nk, device=dev, dtype=torch.float32) - first],
-        dim=1,
-    )  # [K, 2]
-    m = _times_features(probs, feats)
-    i_rel = torch.arange(r, device=dev, dtype=torch.float32)
-    mass, signed = m[..., 0], i_rel * m[..., 0] - m[..., 1]  # sum p (i - j) over all keys
+    rel = torch.arange(nk, device=dev, dtype=torch.float32) - first  # j - first
+    i_rel = torch.arange(r, device=dev, dtype=torch.float32)  # i - first
     if causal:
-        return mass, signed, torch.zeros_like(mass)
+        mass = torch.mv(probs.reshape(-1, nk), torch.ones(nk, device=dev)).view(probs.shape[:-1])
+        rows = (mass.sum(0).double() * i_rel.double()).sum(-1)
+        cols = column_sums(probs).double() @ rel.double()
+        return mass, rows - cols
+    feats = torch.stack([torch.ones(nk, device=dev), rel], dim=1)  # [K, 2]
+    m = _times_features(probs, feats)
+    mass, signed = m[..., 0], i_rel * m[..., 0] - m[..., 1]  # sum p (i - j) over all keys
     # keys after the query: the block's square (strict upper triangle) and every key past it
     end = min(nk, first + r)
     fwd_mass = torch.zeros_like(mass)
@@ -162,5 +179,6 @@ def _distance_moments(
         sq = probs[..., first:end]
         fwd_mass += (sq * (d > 0)).sum(-1)
         fwd_dist += (sq * d.clamp_min(0)).sum(-1)
-    # signed = back_dist - fwd_dist
-    return mass - fwd_mass, signed + fwd_dist, fwd_dist
+    # signed = back_dist - fwd_dist, so |i - j| summed is signed + 2 fwd_dist
+    dist = (signed + 2 * fwd_dist).sum((0, 2)).double()
+    return mass - fwd_mass, dist

@@ -81,7 +81,7 @@ class AttentionDistance(Analysis):
         b, _, r, nk = p.shape
         if r == 0:
             return
-        back_mass, back, fwd = distance_moments(p, first, self.info.causal)
+        back_mass, spread = distance_moments(p, first, self.info.causal)
         # min(t - s, W) = W - (W - (t - s)) on the W keys before t, W elsewhere before t
         w = self.window
         c0, c1 = max(0, first - w + 1), min(nk, first + r)
@@ -94,7 +94,7 @@ class AttentionDistance(Analysis):
         self.acc.add(
             layer,
             float(b * r),
-            mean_distance=(back + fwd).sum((0, 2)),
+            mean_distance=spread,
             waad=waad.sum((0, 2)),
         )
         n = min(r, self.waad_sums.shape[-1] - first)
@@ -185,8 +185,8 @@ class FutureInfluence(Analysis):
         # the head groups: mean backward distance over rows t >= 1 (as AttentionDistance)
         p, f1 = _skip(probs, rows, 1)
         if p.shape[-2]:
-            _, back, fwd = distance_moments(p, f1, self.info.causal)
-            self.dist.add(layer, float(b * p.shape[-2]), back=(back + fwd).sum((0, 2)))
+            _, dist = distance_moments(p, f1, self.info.causal)
+            self.dist.add(layer, float(b * p.shape[-2]), back=dist)
         # keys s with H_lo <= t - s <= H_hi for some row t of the block: a narrow band
         c0 = max(0, first - self.h_hi)
         c1 = min(nk, first + r - self.h_lo, self.received.shape[-1])
