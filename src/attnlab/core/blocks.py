@@ -650,7 +650,9 @@ class StaticBlockSparse(KVCacheDecode, Mechanism):
         super().__init__(**config)
         self._layouts = LayoutCache()
 
-    def rule(self, nq: int, nk: int, causal: bool, heads: int) -> MaskMod | None:
+    def rule(self, nq: int, nk: int, causal: bool, heads: int, device=None) -> MaskMod | None:
+        """The token-level mask_mod (None: every pair of the candidate blocks); tensors it
+        holds live on ``device``, where the mask is evaluated (and compiled, on the flex path)."""
         raise TypeError(f"{type(self).__name__} must define rule()")
 
     def candidates(self, nq: int, nk: int, causal: bool, heads: int) -> torch.Tensor:
@@ -665,7 +667,7 @@ class StaticBlockSparse(KVCacheDecode, Mechanism):
         def make():
             cand = self.candidates(nq, nk, causal, heads).to(device)
             return BlockLayout.build(
-                self.rule(nq, nk, causal, heads), cand, nq, nk, self.config.block
+                self.rule(nq, nk, causal, heads, device), cand, nq, nk, self.config.block
             )
 
         return self._layouts.get(key, make)

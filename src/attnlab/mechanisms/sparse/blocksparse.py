@@ -105,8 +105,8 @@ class BlockSparse(StaticBlockSparse):
         heads = heads if self.config.random else 1
         return super().layout(nq, nk, causal, heads, device)
 
-    def rule(self, nq, nk, causal, heads):
-        table = self.table(nq, nk, causal, heads)
+    def rule(self, nq, nk, causal, heads, device=None):
+        table = self.table(nq, nk, causal, heads).to(device)
         return block_table_rule(table, self.config.block, nk - nq, causal)
 
     def candidates(self, nq, nk, causal, heads):

@@ -49,7 +49,7 @@ class Dilated(StaticBlockSparse):
             check_positive_int("block", self.block)
             check_form(self.form)
 
-    def rule(self, nq, nk, causal, heads):
+    def rule(self, nq, nk, causal, heads, device=None):
         w, dil, offset = self.config.window, self.config.dilation, nk - nq
 
         def mask_mod(b, h, q_idx, kv_idx):

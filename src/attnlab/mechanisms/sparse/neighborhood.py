@@ -173,7 +173,7 @@ class Neighborhood(StaticBlockSparse):
             )
         )
 
-    def rule(self, nq, nk, causal, heads):
+    def rule(self, nq, nk, causal, heads, device=None):
         axes = self._axes(nq)
 
         def mask_mod(b, h, q_idx, kv_idx):

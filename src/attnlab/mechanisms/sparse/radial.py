@@ -53,7 +53,7 @@ class Radial(StaticBlockSparse):
             check_positive_int("block", self.block)
             check_form(self.form)
 
-    def rule(self, nq, nk, causal, heads):
+    def rule(self, nq, nk, causal, heads, device=None):
         s, offset = self.config.frame, nk - nq
         frames = -(-max(nq, nk) // s) + 1
         bits = max(1, frames.bit_length())

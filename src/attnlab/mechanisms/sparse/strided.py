@@ -66,8 +66,8 @@ class Strided(StaticBlockSparse):
         shard = (kb[None, :] + torch.arange(heads)[:, None]) % cfg.stride == cfg.stride - 1
         return (local[None] | shard[:, None, :]) & visible[None]
 
-    def rule(self, nq, nk, causal, heads):
-        table = self.table(nq, nk, causal, heads)
+    def rule(self, nq, nk, causal, heads, device=None):
+        table = self.table(nq, nk, causal, heads).to(device)
         return block_table_rule(table, self.config.block, nk - nq, causal)
 
     def candidates(self, nq, nk, causal, heads):

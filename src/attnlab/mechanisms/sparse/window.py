@@ -69,7 +69,7 @@ class Window(StaticBlockSparse):
             check_positive_int("block", self.block)
             check_form(self.form)
 
-    def rule(self, nq, nk, causal, heads):
+    def rule(self, nq, nk, causal, heads, device=None):
         w, offset = self.config.window, nk - nq
 
         def mask_mod(b, h, q_idx, kv_idx):
