@@ -3,6 +3,7 @@ distance (WAAD) and future attention influence (FAI)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -17,6 +18,29 @@ def _skip(probs: torch.Tensor, rows: slice, skip_rows: int) -> tuple[torch.Tenso
     start = 0 if rows.start is None else rows.start
     cut = min(probs.shape[-2], max(0, skip_rows - start))
     return (probs[:, :, cut:] if cut else probs), start + cut
+
+
+def _gaps(rows: int, width: int, shift: int, device: torch.device) -> torch.Tensor:
+    """Float [rows, width]: ``t - s`` for the query ``t = first + i`` and the key
+    ``s = c0 + c`` of a block, where ``shift = first - c0``."""
+    i = torch.arange(rows, dtype=torch.float32, device=device)[:, None]
+    return i - torch.arange(width, dtype=torch.float32, device=device)[None, :] + shift
+
+
+# blocks of one geometry (all but the first and last few of a pass) share these read-only
+# weights instead of building them per block
+@functools.lru_cache(maxsize=16)
+def _window_weights(rows: int, width: int, shift: int, window: int, device) -> torch.Tensor:
+    """Float [rows, width]: ``W - (t - s)`` where ``0 <= t - s < W``, else 0."""
+    d = _gaps(rows, width, shift, device)
+    return torch.where((d >= 0) & (d < window), window - d, 0.0)
+
+
+@functools.lru_cache(maxsize=16)
+def _horizon(rows: int, width: int, shift: int, lo: int, hi: int, device) -> torch.Tensor:
+    """Bool [rows, width]: ``lo <= t - s <= hi``."""
+    d = _gaps(rows, width, shift, device)
+    return (d >= lo) & (d <= hi)
 
 
 def head_groups(d: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,9 +111,7 @@ class AttentionDistance(Analysis):
         c0, c1 = max(0, first - w + 1), min(nk, first + r)
         waad = w * back_mass
         if c0 < c1:
-            dist = torch.arange(first, first + r, dtype=torch.float32, device=p.device)[:, None]
-            dist = dist - torch.arange(c0, c1, dtype=torch.float32, device=p.device)[None, :]
-            near = torch.where((dist >= 0) & (dist < w), w - dist, 0.0)  # [r, c1 - c0]
+            near = _window_weights(r, c1 - c0, first - c0, w, p.device)  # [r, c1 - c0]
             waad = waad - (p[..., c0:c1] * near).sum(-1)
         self.acc.add(
             layer,
@@ -192,9 +214,7 @@ class FutureInfluence(Analysis):
         c1 = min(nk, first + r - self.h_lo, self.received.shape[-1])
         if c0 >= c1:
             return
-        gap = torch.arange(first, first + r, dtype=torch.float32, device=probs.device)[:, None]
-        gap = gap - torch.arange(c0, c1, dtype=torch.float32, device=probs.device)[None, :]
-        inside = (gap >= self.h_lo) & (gap <= self.h_hi)  # [r, c1 - c0]
+        inside = _horizon(r, c1 - c0, first - c0, self.h_lo, self.h_hi, probs.device)
         band = (probs[..., c0:c1] * inside).sum((0, 2))  # [H, c1 - c0]
         self.received[layer, :, c0:c1] += band.double().cpu()
 
