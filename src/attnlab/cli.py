@@ -375,7 +375,7 @@ def capture_qk(
 def bench_capture(
     model: str = typer.Option("smollm2", help="smollm2, minilm, a local folder or a hub id."),
     tokens: int = typer.Option(8192, help="Tokens (the shipped text repeats to reach them)."),
-    block: int = typer.Option(0, help="Query rows per block (0: about 10M floats a block)."),
+    block: int = typer.Option(0, help="Query rows per block (0: about 15M floats a block)."),
     probe: str = typer.Option(
         "entropy", help="Analysis during the capture: entropy, max, analyze (its defaults), none."
     ),

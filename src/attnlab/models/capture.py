@@ -33,12 +33,12 @@ from attnlab.core.errors import AttnInputError
 
 from .swap import HookState, hooked
 
-# elements of one probability block (B * Hq * rows * Nk): about 10M floats (40 MiB).
+# elements of one probability block (B * Hq * rows * Nk): about 15M floats (60 MiB).
 # Each block's scores and probabilities are written into two buffers allocated once
-# per layer, so the block may exceed glibc's 32 MiB mmap threshold; measured on
-# SmolLM2 at 8192 tokens (2 cores), 128-row blocks ran about 10% faster than 64 rows
-# (half as many calls into the analyses) and faster than 192 or more rows.
-BLOCK_ELEMENTS = 10 << 20
+# per layer, so the block may exceed glibc's 32 MiB mmap threshold. Measured on
+# SmolLM2 at 8192 tokens (2 cores, four analyses), 128- to 256-row blocks ran about
+# 10% faster than 64 rows (fewer calls into the analyses), 192 rows among the best.
+BLOCK_ELEMENTS = 15 << 20
 
 
 def default_block(batch: int, heads: int, nk: int) -> int:
@@ -98,8 +98,9 @@ def attention_blocks(
     # prefix of its columns, a faster right-hand side than a transposed view
     kt = k.float().transpose(-1, -2).contiguous()
     # without gradients, every block's scores and probabilities are written into two
-    # buffers sized for the largest block (no allocation per block)
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    # buffers sized for the largest block (no allocation per block); with gradients
+    # each block has its own tensors (autograd may keep them, e.g. for an edit's backward)
+    grad = torch.is_grad_enabled()
     size = 0 if grad else b * hq * min(block, nq) * nk
     s_buf = torch.empty(size, dtype=torch.float32, device=q.device)
     p_buf = torch.empty(size, dtype=torch.float32, device=q.device)
@@ -335,7 +336,7 @@ def capture(
     """Run ``model`` once on ``inputs`` and reduce each layer's attention with ``analyses``.
 
     ``inputs``: token ids [B, N] or a tokenizer's output (its ``attention_mask``
-    is honoured). ``block``: query rows per block (default: about 10M floats per
+    is honoured). ``block``: query rows per block (default: about 15M floats per
     block). ``keep_qk``: layers (or ``{layer: [query heads]}``) whose post-rotary
     q, k, v to keep; k and v are those of each head's key/value group.
     ``progress``: a bar over layers (default: on from 2048 tokens).
