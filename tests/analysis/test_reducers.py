@@ -234,3 +234,29 @@ def test_row_dot_with_a_remainder_of_rows():
 
     a, b = torch.randn(1, 3, 7, 50), torch.randn(1, 3, 7, 50)
     torch.testing.assert_close(_row_dot(a, b), (a * b).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_median_abs_equals_torch_median():
+    from attnlab.analysis.sinks import _median_abs
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(6, 5), (7, 3), (1, 1)]:
+        h = torch.randn(*shape, generator=g)
+        assert _median_abs(h) == float(h.abs().median())
+
+
+def test_causal_distance_moments_from_row_and_column_sums():
+    from attnlab.analysis._stream import distance_moments
+
+    g = torch.Generator().manual_seed(1)
+    b, h, first, r = 2, 3, 5, 4
+    nk = first + r
+    s = torch.randn(b, h, r, nk, generator=g)
+    i = torch.arange(first, first + r)[:, None]
+    j = torch.arange(nk)[None, :]
+    p = torch.softmax(s.masked_fill(j > i, float("-inf")), -1)
+    mass, dist = distance_moments(p, first, True)
+    p64 = p.double()
+    torch.testing.assert_close(mass.double(), p64.sum(-1), rtol=0, atol=1e-6)
+    ref = (p64 * (i - j).abs()).sum((0, 2, 3))
+    torch.testing.assert_close(dist, ref, rtol=1e-6, atol=1e-5)

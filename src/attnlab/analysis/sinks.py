@@ -236,6 +236,7 @@ class Sinks(Analysis):
 def _median_abs(h: torch.Tensor) -> float:
     """The median of ``|h|`` (the lower one for an even count, as :func:`torch.median`),
     by a linear-time partition (several times faster than sorting on CPU)."""
-    a = np.abs(h.detach().cpu().numpy()).ravel()
+    a = np.abs(h.detach().cpu().numpy()).ravel()  # a fresh array: partitioned in place
     k = (a.size - 1) // 2
-    return float(np.partition(a, k)[k])
+    a.partition(k)
+    return float(a[k])
