@@ -351,7 +351,10 @@ def _scan_blocks(q, k, v, s, z, *, chunk, feature_map, log_decay, divide=True):
             o = o[:, :, : t1 - t0]
             if normalize and divide:
                 den = o[..., dv : dv + 1].clamp_min(torch.finfo(acc).tiny)
-                out[r0:r1, :, t0:t1] = o[..., :dv] / den  # a row that sees nothing: 0
+                if grad:
+                    out[r0:r1, :, t0:t1] = o[..., :dv] / den  # a row that sees nothing: 0
+                else:  # straight into the output, one pass
+                    torch.div(o[..., :dv], den, out=out[r0:r1, :, t0:t1])
             else:
                 out[r0:r1, :, t0:t1] = o[..., :keep]
         final[r0:r1] = state
