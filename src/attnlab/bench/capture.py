@@ -19,64 +19,60 @@ from attnlab.analysis._stream import row_entropy
 from attnlab.analysis.base import Analysis
 
 
-class RowEntropy(Analysis):
-    """Probe for the benchmark: per head, the mean Shannon entropy of attention rows (nats).
+class _RowMean(Analysis):
+    """A probe for the benchmark: per head, the mean over all attention rows of one
+    per-row value (``row_values`` [B, H, rows] of a block)."""
+
+    metric = ""
+
+    def begin(self, info):
+        super().begin(info)
+        self.sums = torch.zeros(info.n_layers, info.n_heads, dtype=torch.float64)
+
+    def row_values(self, probs, logits):
+        raise TypeError(f"{type(self).__name__} must define row_values()")
+
+    def update(self, layer, probs, rows, logits=None):
+        self.sums[layer] += self.row_values(probs, logits).sum(dim=(0, 2)).double()
+
+    def finish(self):
+        n = self.info.seq_len * self.info.input_ids.shape[0]
+        return [
+            {
+                "analysis": self.name,
+                "layer": layer,
+                "head": h,
+                "metric": self.metric,
+                "value": float(self.sums[layer, h] / n),
+            }
+            for layer in range(self.sums.shape[0])
+            for h in range(self.sums.shape[1])
+        ]
+
+
+class RowEntropy(_RowMean):
+    """Probe: per head, the mean Shannon entropy of attention rows (nats).
 
     Computed as the analyses compute it (:func:`~attnlab.analysis._stream.row_entropy`):
     from the block's scores when the capture hands them, else ``-sum p log p``.
     """
 
     name = "row-entropy"
+    metric = "entropy"
     uses_logits = True
 
-    def begin(self, info):
-        super().begin(info)
-        self.sums = torch.zeros(info.n_layers, info.n_heads, dtype=torch.float64)
-
-    def update(self, layer, probs, rows, logits=None):
-        h, _ = row_entropy(probs, logits)
-        self.sums[layer] += h.sum(dim=(0, 2)).double()
-
-    def finish(self):
-        n = self.info.seq_len * self.info.input_ids.shape[0]
-        return [
-            {
-                "analysis": self.name,
-                "layer": layer,
-                "head": h,
-                "metric": "entropy",
-                "value": float(self.sums[layer, h] / n),
-            }
-            for layer in range(self.sums.shape[0])
-            for h in range(self.sums.shape[1])
-        ]
+    def row_values(self, probs, logits):
+        return row_entropy(probs, logits)[0]
 
 
-class RowMax(Analysis):
+class RowMax(_RowMean):
     """Cheaper probe: per head, the mean of each row's largest attention weight."""
 
     name = "row-max"
+    metric = "max"
 
-    def begin(self, info):
-        super().begin(info)
-        self.sums = torch.zeros(info.n_layers, info.n_heads, dtype=torch.float64)
-
-    def update(self, layer, probs, rows):
-        self.sums[layer] += probs.amax(dim=-1).sum(dim=(0, 2)).double()
-
-    def finish(self):
-        n = self.info.seq_len * self.info.input_ids.shape[0]
-        return [
-            {
-                "analysis": self.name,
-                "layer": layer,
-                "head": h,
-                "metric": "max",
-                "value": float(self.sums[layer, h] / n),
-            }
-            for layer in range(self.sums.shape[0])
-            for h in range(self.sums.shape[1])
-        ]
+    def row_values(self, probs, logits):
+        return probs.amax(dim=-1)
 
 
 def _analyze_set() -> list[Analysis]:
