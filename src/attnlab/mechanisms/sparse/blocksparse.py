@@ -35,8 +35,35 @@ def block_table_rule(table: torch.Tensor, block: int, offset: int, causal: bool)
     return mask_mod
 
 
+class BlockTableSparse(StaticBlockSparse):
+    """A static pattern given as a bool table of (query block, key block) pairs:
+    ``table()`` defines it; the token rule and the block candidates follow from it."""
+
+    def table(self, nq: int, nk: int, causal: bool, heads: int) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} must define table()")
+
+    def block_distances(self, nq: int, nk: int, causal: bool):
+        """(dist [Nq/block, Nk/block]: the block of each query block's own (absolute,
+        bottom-right) position minus the key block, visible: the pairs causality allows,
+        kb: the key block indices)."""
+        bs = self.config.block
+        nqb, nkb = -(-nq // bs), -(-nk // bs)
+        own = (torch.arange(nqb) * bs + (nk - nq)).clamp(min=0) // bs
+        kb = torch.arange(nkb)
+        dist = own[:, None] - kb[None, :]
+        visible = dist >= 0 if causal else torch.ones(nqb, nkb, dtype=torch.bool)
+        return dist, visible, kb
+
+    def rule(self, nq, nk, causal, heads, device=None):
+        table = self.table(nq, nk, causal, heads).to(device)
+        return block_table_rule(table, self.config.block, nk - nq, causal)
+
+    def candidates(self, nq, nk, causal, heads):
+        return block_table_candidates(self.table(nq, nk, causal, heads))
+
+
 @register
-class BlockSparse(StaticBlockSparse):
+class BlockSparse(BlockTableSparse):
     """Block-sparse attention with a fixed pattern of local, global and random blocks.
 
     After BigBird (Zaheer et al., arXiv:2007.14062) at block granularity,
@@ -81,13 +108,10 @@ class BlockSparse(StaticBlockSparse):
 
     def table(self, nq: int, nk: int, causal: bool, heads: int) -> torch.Tensor:
         """Bool [H|1, Nq/block, Nk/block]: the key blocks each query block attends."""
-        cfg, bs = self.config, self.config.block
-        nqb, nkb = -(-nq // bs), -(-nk // bs)
-        # the block holding each query block's own (absolute) position
-        own = (torch.arange(nqb) * bs + (nk - nq)).clamp(min=0) // bs
-        kb = torch.arange(nkb)
-        dist = own[:, None] - kb[None, :]
-        visible = dist >= 0 if causal else torch.ones(nqb, nkb, dtype=torch.bool)
+        cfg = self.config
+        dist, visible, kb = self.block_distances(nq, nk, causal)
+        nqb, nkb = dist.shape
+        own = dist[:, 0]  # minus key block 0: the own block index
         local = (dist.abs() < cfg.local) & visible
         glob = (kb[None, :] < cfg.global_blocks) | (own[:, None] < cfg.global_blocks)
         fixed = local | (glob & visible)
@@ -104,13 +128,6 @@ class BlockSparse(StaticBlockSparse):
     def layout(self, nq, nk, causal, heads=1, device=None):
         heads = heads if self.config.random else 1
         return super().layout(nq, nk, causal, heads, device)
-
-    def rule(self, nq, nk, causal, heads, device=None):
-        table = self.table(nq, nk, causal, heads).to(device)
-        return block_table_rule(table, self.config.block, nk - nq, causal)
-
-    def candidates(self, nq, nk, causal, heads):
-        return block_table_candidates(self.table(nq, nk, causal, heads))
 
     def limit(self, n):
         return dataclasses.replace(self.config, local=-(-n // self.config.block) + 1)

@@ -9,15 +9,14 @@ from typing import ClassVar
 import torch
 
 from attnlab.core import Spec, register
-from attnlab.core.blocks import StaticBlockSparse
 from attnlab.core.checks import check_positive_int
 
-from .blocksparse import block_table_candidates, block_table_rule
+from .blocksparse import BlockTableSparse
 from .window import check_form
 
 
 @register
-class Strided(StaticBlockSparse):
+class Strided(BlockTableSparse):
     """Each head attends its own strided shard of the context; the shards cover it all.
 
     S2-Attention (Lin et al., "Efficient LLM Training and Serving with
@@ -56,22 +55,11 @@ class Strided(StaticBlockSparse):
 
     def table(self, nq: int, nk: int, causal: bool, heads: int) -> torch.Tensor:
         """Bool [H, Nq/block, Nk/block]: the key blocks of each head's shard and local band."""
-        cfg, bs = self.config, self.config.block
-        nqb, nkb = -(-nq // bs), -(-nk // bs)
-        own = (torch.arange(nqb) * bs + (nk - nq)).clamp(min=0) // bs
-        kb = torch.arange(nkb)
-        dist = own[:, None] - kb[None, :]
-        visible = dist >= 0 if causal else torch.ones(nqb, nkb, dtype=torch.bool)
+        cfg = self.config
+        dist, visible, kb = self.block_distances(nq, nk, causal)
         local = dist.abs() < cfg.local
         shard = (kb[None, :] + torch.arange(heads)[:, None]) % cfg.stride == cfg.stride - 1
         return (local[None] | shard[:, None, :]) & visible[None]
-
-    def rule(self, nq, nk, causal, heads, device=None):
-        table = self.table(nq, nk, causal, heads).to(device)
-        return block_table_rule(table, self.config.block, nk - nq, causal)
-
-    def candidates(self, nq, nk, causal, heads):
-        return block_table_candidates(self.table(nq, nk, causal, heads))
 
     def limit(self, n):
         return dataclasses.replace(self.config, stride=1)
