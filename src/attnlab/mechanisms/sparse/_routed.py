@@ -11,6 +11,8 @@
   exact about what it keeps, O(tile) memory, but it visits every tile.
 - :func:`band_attention`: causal or symmetric sliding-window attention by
   query blocks (NSA's sliding branch).
+- :func:`visible_blocks`, :func:`causal_rule`: the block-level and token-level
+  bottom-right causal rules of the block-routed mechanisms (sparge, pyramid).
 """
 
 from __future__ import annotations
@@ -50,6 +52,24 @@ def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     counts[-1] = n - (nb - 1) * block
     summed = pad_seq(x, nb * block).unflatten(2, (nb, block)).sum(dim=3)
     return summed / counts[:, None]
+
+
+def visible_blocks(nq: int, nk: int, block: int, device=None) -> torch.Tensor:
+    """Bool [nqb, nkb]: key blocks holding a key that some query of the block may see
+    under the bottom-right causal rule (query i sees keys j <= i + Nk - Nq)."""
+    nqb, nkb = -(-nq // block), -(-nk // block)
+    last = torch.clamp(torch.arange(1, nqb + 1, device=device) * block, max=nq) - 1 + (nk - nq)
+    return torch.arange(nkb, device=device) * block <= last[:, None]
+
+
+def causal_rule(nq: int, nk: int):
+    """The bottom-right causal mask_mod: query i sees keys j <= i + Nk - Nq."""
+    offset = nk - nq
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + offset
+
+    return mask_mod
 
 
 def user_mask_at(mask, b, h, qpos, kpos, nq, nk):

@@ -29,8 +29,9 @@ class BiFormer(Mechanism):
     region then attends, with one softmax, to all tokens of those regions.
     The paper's local context enhancement (a depth-wise convolution on V
     added to the output) belongs to the layer, not to the attention, and is
-    left out. Routing reads every token of a query region, so there is no
-    causal form.
+    left out. The paper defines no causal form (its tasks are image
+    classification, detection and segmentation), and routing reads every
+    token of a query region, so ``causal=True`` is refused.
 
     Paths (``form``) from the shared block-sparse engine: ``"torch"``
     (gathered regions, trainable), ``"flex"`` (compiled FlexAttention,
@@ -65,6 +66,13 @@ class BiFormer(Mechanism):
 
     def unsupported(self, q, k, v, *, causal=False, mask=None):
         reasons = super().unsupported(q, k, v, causal=causal, mask=mask)
+        if causal:
+            reasons = [r for r in reasons if not r.startswith("causal:")]
+            reasons.append(
+                "causal: BiFormer (Zhu et al., arXiv:2303.08801) is a vision transformer whose "
+                "bi-level routing has no causal form: a query region is routed by the mean of "
+                "all its queries and attends whole key regions (pass causal=False)"
+            )
         if self.config.form == "flex":
             reasons += flex_unsupported(q, k, v)
         return reasons

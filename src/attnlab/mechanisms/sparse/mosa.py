@@ -34,9 +34,22 @@ class MoSA(Mechanism):
     head's key. Its weights ``router`` [Hq, D] are created on the first call
     (seeded by ``seed``, so two instances with one seed agree).
 
-    Expert choice is not causal (whether a position is chosen depends on later
-    ones), so only the non-causal mode is offered; the paper's causal mask
-    among the chosen tokens would not make the choice itself causal.
+    ``causal=True`` is the paper's autoregressive form (its language models
+    are trained with it, and the authors' code, piotrpiekos/MoSA ``PureMoSA``,
+    does the same): the choice is still the top ``tokens`` over the whole
+    sequence, and among the chosen tokens the mask M_ij = 0 iff I_j <= I_i
+    (original positions) applies. So query i attends only chosen keys at
+    positions <= i and never reads a later value, query or key through the
+    attention; but whether i and its earlier keys are chosen depends on the
+    router scores of later positions (expert choice ranks the whole
+    sequence). The output of query i is thus independent of later values
+    and queries, not of later keys. The contract's causal mode promises
+    independence from every later token, so ``causal=True`` is refused by
+    :meth:`unsupported` and the Spec says ``causal=False``;
+    ``forward(..., causal=True)`` computes the paper's form (tested in
+    ``tests/mechanisms/test_sparse_causal_routed.py``) for when the contract
+    gains a mode for it. The authors' code has no decoding path for this
+    choice, so there is no ``step``.
     """
 
     spec = Spec(
@@ -78,6 +91,14 @@ class MoSA(Mechanism):
 
     def unsupported(self, q, k, v, *, causal=False, mask=None):
         reasons = super().unsupported(q, k, v, causal=causal, mask=mask)
+        if causal:
+            reasons = [r for r in reasons if not r.startswith("causal:")]
+            reasons.append(
+                "causal: MoSA (Piękos et al., arXiv:2505.00315) chooses each head's tokens by "
+                "expert choice over the whole sequence, so whether query i and its keys are "
+                "chosen depends on the router scores of later keys; the causal mode requires "
+                "outputs independent of every later token (pass causal=False)"
+            )
         if self.router is not None and tuple(self.router.shape) != (q.shape[1], q.shape[-1]):
             reasons.append(
                 f"q: this MoSA router was built for {self.router.shape[0]} heads of dim "
@@ -100,6 +121,8 @@ class MoSA(Mechanism):
         ks = k.gather(2, gather.expand(-1, -1, -1, d))
         vs = v.gather(2, gather.expand(-1, -1, -1, v.shape[-1]))
         s = (qs @ ks.transpose(-1, -2)).to(acc) * scale  # [B, H, k, k]
+        if causal:  # the paper's M: chosen token i sees chosen token j when I_j <= I_i
+            s = s.masked_fill(idx[..., :, None] < idx[..., None, :], NEG_INF)
         if mask is not None:
             full = mask.expand(b, h, n, n)  # a view: nothing is materialised
             bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
@@ -117,6 +140,8 @@ class MoSA(Mechanism):
         return dataclasses.replace(self.config, tokens=n, router_scale=False)
 
     def density(self, nq: int, nk: int, causal: bool = False) -> float:
-        """(tokens / N)² of the pairs, per head."""
+        """(tokens / N)² of the pairs per head; causal: the chosen pairs j <= i,
+        tokens·(tokens + 1)/2 of them."""
         kk = min(self.config.tokens, nq, nk)
-        return kk * kk / (nq * nk)
+        pairs = kk * (kk + 1) / 2 if causal else kk * kk
+        return pairs / (nq * nk)

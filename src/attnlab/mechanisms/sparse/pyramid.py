@@ -13,7 +13,7 @@ from attnlab.core import AttnInputError, Mechanism, Spec, register
 from attnlab.core.checks import check_positive_int
 from attnlab.core.masks import repeat_kv
 
-from ._routed import NEG_INF, acc_dtype, pad_seq, pool_blocks, softmax_rows
+from ._routed import NEG_INF, acc_dtype, pad_seq, pool_blocks, softmax_rows, visible_blocks
 
 # elements of one chunk of gathered scores
 _CHUNK_ELEMENTS = 1 << 24
@@ -66,8 +66,21 @@ class Pyramid(Mechanism):
     + log 2^(h-1), so that it carries their softmax mass (our reading; with
     uniform keys the pooled block then weighs what the whole block would).
 
-    Importance pools every query of a block, so there is no causal form; a
-    pooled key mixes positions, so no per-key mask is taken. ``density``
+    Causal, as in the authors' code for video understanding (ziplab/
+    Pyramid-Sparse-Attention, ``qwen2.5-vl-example``, ``psa_kernel_causal.py``):
+    importance is ranked over the key blocks holding a key visible to some
+    query of the block (bottom-right), and a pooled key is seen by a query
+    only once every position it averages is (its last real position <= the
+    query's). Importance still pools every query and key of a block, so the
+    form is causal per block (the output of query i does not depend on
+    tokens after the end of its query block, nor on any value after i), not
+    token by token. The contract's causal mode promises token-level
+    causality, so ``causal=True`` is refused by :meth:`unsupported` and the
+    Spec says ``causal=False``; ``forward(..., causal=True)`` computes the
+    block-causal form (tested in ``tests/mechanisms/test_sparse_causal_routed.py``)
+    for when the contract gains a block-causal mode.
+
+    A pooled key mixes positions, so no per-key mask is taken. ``density``
     reports the last call (keys and pooled keys visited per query, over Nk).
     """
 
@@ -108,13 +121,35 @@ class Pyramid(Mechanism):
         super().__init__(**config)
         self._last_density: tuple[int, int, float] | None = None
 
-    def levels(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-        """Long [B, H, nqb, nkb]: the pyramid level of each (query block, key block)."""
+    def unsupported(self, q, k, v, *, causal=False, mask=None):
+        reasons = super().unsupported(q, k, v, causal=causal, mask=mask)
+        if causal:
+            reasons = [r for r in reasons if not r.startswith("causal:")]
+            reasons.append(
+                "causal: PSA (Li et al., arXiv:2512.04025) ranks the key blocks of a query "
+                "block by the pooled queries and keys of whole blocks, so its causal form is "
+                f"causal per block of {self.config.block} tokens, not per token as the causal "
+                "mode requires (pass causal=False)"
+            )
+        return reasons
+
+    def levels(
+        self, q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool = False
+    ) -> torch.Tensor:
+        """Long [B, H, nqb, nkb]: the pyramid level of each (query block, key block).
+
+        With ``causal`` only key blocks holding a key visible to some query of the
+        block (bottom-right) are ranked; the others get level 0.
+        """
         bs = self.config.block
         with torch.no_grad():
             kr = repeat_kv(pool_blocks(k, bs), q.shape[1] // k.shape[1])
             s = (pool_blocks(q, bs) @ kr.transpose(-1, -2)).float() * scale
-            return pyramid_levels(torch.softmax(s, dim=-1), self.config.thresholds)
+            if not causal:
+                return pyramid_levels(torch.softmax(s, dim=-1), self.config.thresholds)
+            visible = visible_blocks(q.shape[2], k.shape[2], bs, q.device)
+            p = torch.softmax(s.masked_fill(~visible, NEG_INF), dim=-1).nan_to_num(0.0)
+            return pyramid_levels(p, self.config.thresholds).masked_fill(~visible, 0)
 
     def forward(self, q, k, v, *, causal=False, mask=None, scale=None):
         bs = self.config.block
@@ -122,7 +157,7 @@ class Pyramid(Mechanism):
         nk, dv = k.shape[2], v.shape[-1]
         acc = acc_dtype(q.dtype)
         nqb, nkb = -(-nq // bs), -(-nk // bs)
-        level = self.levels(q, k, scale)
+        level = self.levels(q, k, scale, causal)
         groups = h // k.shape[1]
         bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
         hi = (torch.arange(h, device=q.device) // groups).view(1, h, 1, 1)
@@ -136,9 +171,12 @@ class Pyramid(Mechanism):
             idx = torch.where(chosen, torch.arange(nkb, device=q.device), nkb)
             idx = idx.sort(dim=-1).values[..., :width]
             ok = idx < nkb
-            kp, logc = pooled_pyramid(k, bs, 2 ** (lv - 1), nkb)
-            vp, _ = pooled_pyramid(v, bs, 2 ** (lv - 1), nkb)
-            sources.append((idx.clamp_max(nkb - 1), ok, kp, vp, logc))
+            factor = 2 ** (lv - 1)
+            kp, logc = pooled_pyramid(k, bs, factor, nkb)
+            vp, _ = pooled_pyramid(v, bs, factor, nkb)
+            # last real position each pooled token covers: [nkb, block/factor]
+            ends = torch.arange(factor, nkb * bs + 1, factor, device=q.device).clamp(max=nk) - 1
+            sources.append((idx.clamp_max(nkb - 1), ok, kp, vp, logc, ends.view(nkb, -1)))
             visited += float((chosen.sum(dim=-1).double() * bs / 2 ** (lv - 1)).mean())
         self._last_density = (nq, nk, min(1.0, visited / nk))
         qb = pad_seq(q, nqb * bs).unflatten(2, (nqb, bs))
@@ -149,15 +187,20 @@ class Pyramid(Mechanism):
         outs = []
         for c0 in range(0, nqb, step):
             c1 = min(c0 + step, nqb)
-            ks, vs, biases = [], [], []
-            for idx, ok, kp, vp, logc in sources:
+            ks, vs, biases, last = [], [], [], []
+            for idx, ok, kp, vp, logc, ends in sources:
                 sel = idx[:, :, c0:c1]
                 ks.append(kp[bi, hi, sel].flatten(3, 4))  # [B, H, c, S*L, D]
                 vs.append(vp[bi, hi, sel].flatten(3, 4))
                 bias = logc[sel].masked_fill(~ok[:, :, c0:c1, :, None], NEG_INF)
                 biases.append(bias.flatten(3, 4))
+                last.append(ends[sel].flatten(3, 4))
             kg, vg, bias = torch.cat(ks, dim=3), torch.cat(vs, dim=3), torch.cat(biases, dim=3)
             s = (qb[:, :, c0:c1] @ kg.transpose(-1, -2)).to(acc) * scale + bias[:, :, :, None]
+            if causal:  # a pooled key is seen once every position it covers is
+                qpos = torch.arange(c0 * bs, c1 * bs, device=q.device).view(c1 - c0, bs, 1)
+                ahead = torch.cat(last, dim=3)[:, :, :, None, :] > qpos + (nk - nq)
+                s = s.masked_fill(ahead, NEG_INF)
             outs.append(softmax_rows(s) @ vg.to(acc))
         out = torch.cat(outs, dim=2).flatten(2, 3)[:, :, :nq]
         return out.to(q.dtype)

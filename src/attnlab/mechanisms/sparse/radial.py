@@ -28,6 +28,19 @@ class Radial(StaticBlockSparse):
     a multiple of ceil(2^r / s). Each band doubles its temporal width and
     halves its spatial width, so every query attends O(s log(N/s)) keys.
     Queries are aligned bottom-right; causal=True keeps only keys j <= p.
+
+    Checked (session 3) against the authors' code (mit-han-lab/radial-attention,
+    ``radial_attn/attn_mask.py``), which confirms the structure of this rule:
+    band r = bit_length(d) - 1 = floor(log2 d), spatial width s/2^r (s a power
+    of two), and, once that width is below the granularity, only frame pairs
+    whose distance is a multiple of the period are kept. The code realises it
+    per 128 x 128 block for video diffusion models and adds, beyond the
+    token-level equation, a first frame that every query sees in full (an
+    attention sink), a spatial window one token wider (|k - l| <= s/2^r)
+    that never narrows below one block, far frame pairs kept or dropped
+    whole, and model-specific first bands (Wan: half a frame at d = 1); those
+    are left out here. ``tests/mechanisms/test_sparse_causal_routed.py``
+    checks this rule against rows worked out by hand from the equation.
     """
 
     spec = Spec(

@@ -13,7 +13,7 @@ from attnlab.core.blocks import BlockLayout, block_sparse_attention
 from attnlab.core.checks import check_positive_int
 from attnlab.core.masks import repeat_kv
 
-from ._routed import NEG_INF, pad_seq, pool_blocks
+from ._routed import NEG_INF, causal_rule, pad_seq, pool_blocks, visible_blocks
 
 
 def self_similarity(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -58,7 +58,21 @@ class Sparge(Mechanism):
     second, in-kernel stage (skipping by the online softmax maximum) is a
     kernel-level optimisation and is left out.
 
-    Prediction pools every query of a block, so there is no causal form.
+    Causal (the paper's kernels take ``is_causal``; its reference code,
+    thu-ml/SpargeAttn ``get_block_map_meansim``, masks the compressed map with
+    the block-level causal mask before the softmax and the kept blocks after
+    the selection): only key blocks holding a visible key take part in P̂
+    and are kept, and inside them the token-level causal rule applies. The
+    prediction still pools every query and key of a block, so the routing of
+    query i reads the queries and keys up to the end of its block: the form
+    is causal per block (the output of query i does not depend on tokens
+    after the end of its query block, nor on any value after i), not token
+    by token. The contract's causal mode promises token-level causality, so
+    ``causal=True`` is refused by :meth:`unsupported` and the Spec says
+    ``causal=False``; ``forward(..., causal=True)`` computes the block-causal
+    form (tested in ``tests/mechanisms/test_sparse_causal_routed.py``) for
+    when the contract gains a block-causal mode.
+
     ``density`` reports the last call's layout (1.0 before any call).
     """
 
@@ -92,25 +106,50 @@ class Sparge(Mechanism):
         super().__init__(**config)
         self._last: BlockLayout | None = None
 
-    def predict(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-        """Bool [B, H, nqb, nkb]: the key blocks each query block computes."""
+    def unsupported(self, q, k, v, *, causal=False, mask=None):
+        reasons = super().unsupported(q, k, v, causal=causal, mask=mask)
+        if causal:
+            reasons = [r for r in reasons if not r.startswith("causal:")]
+            reasons.append(
+                "causal: SpargeAttn (Zhang et al., arXiv:2502.18137) predicts the key blocks "
+                "of a query block from the pooled queries and keys of whole blocks, so its "
+                f"causal form is causal per block of {self.config.block} tokens, not per token "
+                "as the causal mode requires (pass causal=False)"
+            )
+        return reasons
+
+    def predict(
+        self, q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool = False
+    ) -> torch.Tensor:
+        """Bool [B, H, nqb, nkb]: the key blocks each query block computes.
+
+        With ``causal`` only the key blocks that hold a key visible to some query
+        of the block (bottom-right) take part in the prediction and are kept.
+        """
         cfg = self.config
+        nq, nk = q.shape[2], k.shape[2]
         k = repeat_kv(k, q.shape[1] // k.shape[1])
         with torch.no_grad():
             q_sim = self_similarity(q, cfg.block) >= cfg.sim_threshold  # [B, H, nqb]
             k_sim = self_similarity(k, cfg.block) >= cfg.sim_threshold  # [B, H, nkb]
             s = (pool_blocks(q, cfg.block) @ pool_blocks(k, cfg.block).transpose(-1, -2)).float()
             s = (s * scale).masked_fill(~k_sim[:, :, None, :], NEG_INF)
+            visible = torch.ones(s.shape[-2:], dtype=torch.bool, device=q.device)
+            if causal:
+                visible = visible_blocks(nq, nk, cfg.block, q.device)
+                s = s.masked_fill(~visible, NEG_INF)
             p = torch.softmax(s, dim=-1).nan_to_num(0.0)
             keep = cdf_select(p, cfg.cdf_threshold) & k_sim[:, :, None, :]
-            keep = keep | ~q_sim[..., None] | ~k_sim[:, :, None, :]
+            keep = (keep | ~q_sim[..., None] | ~k_sim[:, :, None, :]) & visible
         return keep
 
     def forward(self, q, k, v, *, causal=False, mask=None, scale=None):
-        keep = self.predict(q, k, scale)
+        nq, nk = q.shape[2], k.shape[2]
+        keep = self.predict(q, k, scale, causal)
         nkb = keep.shape[-1]
         cand = torch.where(keep, torch.arange(nkb, device=q.device), -1)
-        layout = BlockLayout.build(None, cand, q.shape[2], k.shape[2], self.config.block)
+        rule = causal_rule(nq, nk) if causal else None
+        layout = BlockLayout.build(rule, cand, nq, nk, self.config.block)
         self._last = layout
         out = block_sparse_attention(q, k, v, layout, scale=scale, mask=mask, path="auto")
         return out.to(q.dtype)
