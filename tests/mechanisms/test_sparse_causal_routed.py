@@ -307,3 +307,15 @@ def test_radial_output_attends_exactly_the_hand_worked_rows(causal):
         allowed[..., sorted(keys)] = True
         want = dense(q[:, :, p : p + 1], k, v, allowed)
         torch.testing.assert_close(out[:, :, p : p + 1], want)
+
+
+def test_radial_sink_adds_the_whole_first_frame():
+    """``sink=True`` (the authors' code): every query also sees keys 0..s-1."""
+    zero = torch.zeros((), dtype=torch.long)
+    for (p, causal), keys in RADIAL_ROWS.items():
+        rule = attnlab.get("radial", frame=4, block=8, sink=True).rule(80, 80, causal, 1)
+        ok = rule(zero, zero, torch.tensor([[p]]), torch.arange(80)[None, :])[0]
+        first = {j for j in range(4) if not causal or j <= p}
+        assert set(torch.nonzero(ok).flatten().tolist()) == keys | first
+    with pytest.raises(attnlab.AttnInputError, match="sink"):
+        attnlab.get("radial", sink=1)

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from attnlab.core import Spec, register
+from attnlab.core import AttnInputError, Spec, register
 from attnlab.core.blocks import StaticBlockSparse, ranges_to_candidates
 from attnlab.core.checks import check_positive_int
 
@@ -39,8 +39,10 @@ class Radial(StaticBlockSparse):
     attention sink), a spatial window one token wider (|k - l| <= s/2^r)
     that never narrows below one block, far frame pairs kept or dropped
     whole, and model-specific first bands (Wan: half a frame at d = 1); those
-    are left out here. ``tests/mechanisms/test_sparse_causal_routed.py``
-    checks this rule against rows worked out by hand from the equation.
+    are left out here, except the sink: ``sink=True`` lets every query see
+    the whole first frame (keys 0..s-1, within the causal rule when causal).
+    ``tests/mechanisms/test_sparse_causal_routed.py`` checks this rule
+    against rows worked out by hand from the equation.
     """
 
     spec = Spec(
@@ -59,15 +61,18 @@ class Radial(StaticBlockSparse):
     class Config:
         frame: int = 1024
         block: int = 128
+        sink: bool = False
         form: str = "auto"
 
         def __post_init__(self):
             check_positive_int("frame", self.frame)
             check_positive_int("block", self.block)
+            if not isinstance(self.sink, bool):
+                raise AttnInputError(f"sink: expected True or False, got {self.sink!r}")
             check_form(self.form)
 
     def rule(self, nq, nk, causal, heads, device=None):
-        s, offset = self.config.frame, nk - nq
+        s, offset, sink = self.config.frame, nk - nq, self.config.sink
         frames = -(-max(nq, nk) // s) + 1
         bits = max(1, frames.bit_length())
 
@@ -83,6 +88,8 @@ class Radial(StaticBlockSparse):
             period = (power + s - 1) // s
             diagonal = (power > s) & (k == l) & (d % period == 0)
             ok = spatial | diagonal
+            if sink:  # the authors' code: the first frame is seen whole by every query
+                ok = ok | (kv_idx < s)
             return ok & (kv_idx <= p) if causal else ok
 
         return mask_mod
