@@ -60,7 +60,7 @@ def test_causal_mode_is_refused_with_the_paper_named(name):
 
 def test_biformer_refuses_causal_naming_the_paper():
     q, k, v = rand(dtype=torch.float32)
-    with pytest.raises(attnlab.AttnInputError, match=r"causal: BiFormer .*arXiv:2303\.08801"):
+    with pytest.raises(attnlab.AttnInputError, match=r"causal: BiFormer .*arXiv:2303\.08810"):
         attnlab.get("biformer", region=4, top_k=2)(q, k, v, causal=True)
 
 

@@ -1,4 +1,4 @@
-"""BiFormer's bi-level routing attention (Zhu et al., arXiv:2303.08801)."""
+"""BiFormer's bi-level routing attention (Zhu et al., arXiv:2303.08810)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ._routed import pool_blocks
 @register
 class BiFormer(Mechanism):
     """Bi-level routing attention, after "BiFormer: Vision Transformer with Bi-Level
-    Routing Attention" (Zhu et al., arXiv:2303.08801).
+    Routing Attention" (Zhu et al., arXiv:2303.08810).
 
     The sequence is cut into regions of ``region`` tokens (the paper's S x S
     grid of image regions, flattened; order the tokens region by region to
@@ -42,7 +42,7 @@ class BiFormer(Mechanism):
         name="biformer",
         family="sparse",
         title="BiFormer: bi-level routing attention (top-k regions)",
-        paper="arXiv:2303.08801",
+        paper="arXiv:2303.08810",
         exact=False,
         causal=False,
         complexity="O(N·k·R·D + (N/R)²·D)",
@@ -69,7 +69,7 @@ class BiFormer(Mechanism):
         if causal:
             reasons = [r for r in reasons if not r.startswith("causal:")]
             reasons.append(
-                "causal: BiFormer (Zhu et al., arXiv:2303.08801) is a vision transformer whose "
+                "causal: BiFormer (Zhu et al., arXiv:2303.08810) is a vision transformer whose "
                 "bi-level routing has no causal form: a query region is routed by the mean of "
                 "all its queries and attends whole key regions (pass causal=False)"
             )
