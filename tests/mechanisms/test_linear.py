@@ -177,6 +177,23 @@ def test_based_with_window_over_everything_is_softmax():
         torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("window,chunk", [(6, 4), (3, 8), (1, 5), (16, 16)])
+@pytest.mark.parametrize("grad", [False, True], ids=["fused", "autograd"])
+def test_based_chunked_blocks_equal_parallel(window, chunk, grad, monkeypatch):
+    """Many blocks, lags reaching back several chunks, a padded last chunk, GQA, D != Dv
+    (the plain window) and D == Dv (the fused window without autograd)."""
+    monkeypatch.setattr("attnlab.core.scan._BLOCK_ELEMENTS", 300)
+    gen = torch.Generator().manual_seed(0)
+    for dv in (8, 5):
+        q = torch.randn(2, 4, 37, 8, generator=gen, dtype=torch.float64)
+        k = torch.randn(2, 2, 37, 8, generator=gen, dtype=torch.float64)
+        v = torch.randn(2, 2, 37, dv, generator=gen, dtype=torch.float64)
+        q.requires_grad_(grad)
+        mech = attnlab.get("based", window=window, chunk=chunk, feature_dim=4)
+        want = mech.reference(q.detach(), k, v, causal=True, mask=None, scale=8**-0.5)
+        torch.testing.assert_close(mech(q, k, v, causal=True), want)
+
+
 def test_based_taylor_kernel():
     from attnlab.mechanisms.linear.based import taylor_features
 

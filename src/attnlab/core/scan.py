@@ -242,7 +242,23 @@ def _decay_factors(ld, nb, c, tokens):
     return intra, torch.exp(lc), torch.exp(lc[..., -1:] - lc), chunk_w, torch.exp(start)
 
 
-def _scan_blocks(q, k, v, s, z, *, chunk, feature_map, log_decay, divide=True):
+def block_plan(n: int, c: int, per_token: int, rows: int, device) -> tuple[int, int]:
+    """(tokens per block, rows per step) for a blocked scan of N tokens in chunks of C over
+    ``rows`` independent (batch, head) rows, whose largest intermediate holds ``per_token``
+    floats per token: a block stays near ``_BLOCK_ELEMENTS`` floats (on a GPU far more) and
+    at most ``_BLOCK_CHUNKS`` chunks; a sequence that fits one block goes several rows a step.
+    """
+    budget, max_chunks = _BLOCK_ELEMENTS, _BLOCK_CHUNKS
+    if torch.device(device).type != "cpu":
+        budget, max_chunks = _BLOCK_ELEMENTS_GPU, _BLOCK_CHUNKS_GPU
+    block = max(c, min(max_chunks * c, budget // per_token // c * c))
+    group = 1
+    if n <= block:  # the whole sequence in one block: several rows a step
+        group = max(1, min(rows, budget // (-(-n // c) * c * per_token)))
+    return block, group
+
+
+def _scan_blocks(q, k, v, s, z, *, chunk, feature_map, log_decay):
     """The chunked causal scan (Nq == Nk), a group of (batch, kv head) rows at a time, in
     blocks of tokens.
 
@@ -253,67 +269,48 @@ def _scan_blocks(q, k, v, s, z, *, chunk, feature_map, log_decay, divide=True):
 
     Inside a chunk of C tokens the masked C x C product; across the chunks of a block
     their states by one [nb + 1, nb] (decayed) prefix-sum matrix product; across blocks the
-    running state. The normaliser rides along as a column of ones appended to v (the
-    state's last column is then z). Long sequences go one head at a time (a block of one
-    head's rows is a view, not a copy); a sequence that fits one block goes with as many
-    heads as fit. A block's largest intermediate holds about ``_BLOCK_ELEMENTS`` floats,
-    so temporaries stay small enough to be reused by the allocator, and nothing of size
-    N x N is built. Returns out [B, H, G, N, Dv] (normalised; with ``divide=False``
-    [B, H, G, N, Dv + 1], the numerator and the normaliser) and the final (s, z).
+    running state. The normaliser is the row sum of the masked chunk scores plus the
+    query's features against the entering z (kept apart from the values, so the value
+    products are exactly Dv wide and a block's result can be computed straight into the
+    output). Long sequences go one head at a time (a block of one head's rows is a view,
+    not a copy); a sequence that fits one block goes with as many heads as fit. A block's
+    largest intermediate holds about ``_BLOCK_ELEMENTS`` floats, so temporaries stay small
+    enough to be reused by the allocator, and nothing of size N x N is built. Returns out
+    [B, H, G, N, Dv] (normalised) and the final (s, z).
     """
     b, h, g, n, _ = q.shape
     dv, f = v.shape[-1], s.shape[-2]
     c, acc = max(1, min(chunk, n)), s.dtype
     normalize = z is not None
-    width = -(-(dv + 1) // 8) * 8 if normalize else dv  # v, its ones column, zero padding
-    per_token = g * max(c, f, width)
-    budget, max_chunks = _BLOCK_ELEMENTS, _BLOCK_CHUNKS
-    if q.device.type != "cpu":
-        budget, max_chunks = _BLOCK_ELEMENTS_GPU, _BLOCK_CHUNKS_GPU
-    block = max(c, min(max_chunks * c, budget // per_token // c * c))
     rows = b * h
-    group = 1
-    if n <= block:  # the whole sequence in one block: several heads a step
-        group = max(1, min(rows, budget // (-(-n // c) * c * per_token)))
+    block, group = block_plan(n, c, g * max(c, f, dv), rows, q.device)
     q, k, v = q.reshape(rows, g, n, -1), k.reshape(rows, n, -1), v.reshape(rows, n, dv)
     if log_decay is not None:
         log_decay = log_decay.expand(b, h, -1).reshape(rows, -1)
-    keep = dv if divide or not normalize else dv + 1
-    out = torch.empty(rows, g, n, keep, dtype=acc, device=q.device)
-    final = torch.empty(rows, f, width, dtype=acc, device=q.device)
-    v_buffer = None  # v with its ones column (and zero padding) for a block of tokens
+    out = torch.empty(rows, g, n, dv, dtype=acc, device=q.device)
+    final_s = torch.empty(rows, f, dv, dtype=acc, device=q.device)
+    final_z = torch.empty(rows, f, dtype=acc, device=q.device) if normalize else None
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, s))
-    if normalize and not grad:
-        v_buffer = torch.zeros(group, min(block, -(-n // c) * c), width, dtype=acc, device=q.device)
-        v_buffer[..., dv] = 1.0
+    tiny = torch.finfo(acc).tiny
     cache: dict[tuple, tuple] = {}  # per-shape constants: prefix matrices, constant decays
     for r0 in range(0, rows, group):
         r1 = min(r0 + group, rows)
         x = r1 - r0
-        state = torch.zeros(x, f, width, dtype=acc, device=q.device)
-        state[..., :dv] = s.reshape(rows, f, dv)[r0:r1]
-        if normalize:
-            state[..., dv] = z.reshape(rows, f)[r0:r1]
+        state = s.reshape(rows, f * dv)[r0:r1].to(acc).unsqueeze(1)  # [X, 1, F*Dv]
+        norm = z.reshape(rows, f)[r0:r1].to(acc).unsqueeze(1) if normalize else None
         for t0 in range(0, n, block):
             t1 = min(t0 + block, n)
             nb = -(-(t1 - t0) // c)
             pad = nb * c - (t1 - t0)
             fq, fk = q[r0:r1, :, t0:t1].to(acc), k[r0:r1, t0:t1].to(acc)
+            vb = v[r0:r1, t0:t1].to(acc)
             if feature_map is not None:
                 fq, fk = feature_map(fq, query=True), feature_map(fk, query=False)
-            if v_buffer is not None:  # no autograd: one buffer, refilled
-                v_buffer[:x, : t1 - t0, :dv] = v[r0:r1, t0:t1]
-                vb = v_buffer[:x, : nb * c]
-            else:
-                vb = v[r0:r1, t0:t1].to(acc)
-                if pad or width != dv:
-                    vb = F.pad(vb, (0, width - dv, 0, pad))
-                    if normalize:
-                        vb[..., dv] = 1.0  # padded rows too: their keys' features are zero
             if pad:
                 fq, fk = F.pad(fq, (0, 0, 0, pad)), F.pad(fk, (0, 0, 0, pad))
+                vb = F.pad(vb, (0, 0, 0, pad))
             fq = fq.reshape(x, g, nb, c, f).transpose(1, 2).reshape(x * nb, g * c, f)
-            fk, vb = fk.reshape(x * nb, c, f), vb.reshape(x * nb, c, width)
+            fk, vb = fk.reshape(x * nb, c, f), vb.reshape(x * nb, c, dv)
             if log_decay is None:
                 if ("prefix", nb) not in cache:
                     ones = torch.ones(nb + 1, nb, dtype=acc, device=q.device)
@@ -332,35 +329,47 @@ def _scan_blocks(q, k, v, s, z, *, chunk, feature_map, log_decay, divide=True):
                 fk_out = (fk.view(x, -1, c, f) * out_of[..., None]).view(x * nb, c, f)
                 q_in = fq.view(x, nb, g, c, f) * into[:, :, None, :, None]
                 q_in = q_in.view(x * nb, g * c, f)
-            kv = torch.bmm(fk_out.transpose(1, 2), vb).view(x, nb, f * width)
-            states = torch.matmul(chunk_w, kv)  # [X, nb + 1, F*W]: entering each chunk, end
-            if start is None:
-                states += state.view(x, 1, -1)
-            else:
-                states.baddbmm_(start[:, :, None], state.view(x, 1, -1))
+            kv = torch.bmm(fk_out.transpose(1, 2), vb).view(x, nb, f * dv)
+            states = _carry(torch.matmul(chunk_w, kv), state, start)  # [X, nb + 1, F*Dv]
             scores = torch.bmm(fq, fk.transpose(1, 2))  # [X*nb, G*C, C]
             if log_decay is None:
                 scores.view(-1, c, c).tril_()
             else:
                 scores.view(x, nb, g, c, c).mul_(intra[:, :, None])
-            o = torch.bmm(scores, vb)
-            entering = states[:, :nb] if x == 1 else states[:, :nb].contiguous()
-            o.baddbmm_(q_in, entering.view(x * nb, f, width))
-            state = states[:, nb].view(x, f, width)
-            o = o.view(x, nb, g, c, width).transpose(1, 2).reshape(x, g, nb * c, width)
-            o = o[:, :, : t1 - t0]
-            if normalize and divide:
-                den = o[..., dv : dv + 1].clamp_min(torch.finfo(acc).tiny)
-                if grad:
-                    out[r0:r1, :, t0:t1] = o[..., :dv] / den  # a row that sees nothing: 0
-                else:  # straight into the output, one pass
-                    torch.div(o[..., :dv], den, out=out[r0:r1, :, t0:t1])
+            # a block of one head (no padding, one query head) is computed in the output itself
+            direct = not grad and x == 1 and g == 1 and not pad
+            if direct:
+                o = out[r0, 0, t0:t1].view(nb, c, dv)
+                torch.bmm(scores, vb, out=o)
             else:
-                out[r0:r1, :, t0:t1] = o[..., :keep]
-        final[r0:r1] = state
-    out = out.view(b, h, g, n, keep)
-    final = final.view(b, h, f, width)
-    return out, final[..., :dv], (final[..., dv] if normalize else None)
+                o = torch.bmm(scores, vb)
+            entering = states[:, :nb] if x == 1 else states[:, :nb].contiguous()
+            o.baddbmm_(q_in, entering.view(x * nb, f, dv))
+            state = states[:, nb : nb + 1]
+            if normalize:
+                ksum = fk_out.view(x, nb, c, f).sum(2)
+                norms = _carry(torch.matmul(chunk_w, ksum), norm, start)  # [X, nb + 1, F]
+                z_in = norms[:, :nb].reshape(x * nb, f, 1)
+                den = torch.baddbmm(scores.sum(-1, keepdim=True), q_in, z_in)
+                norm = norms[:, nb : nb + 1]
+                den = den.clamp_min(tiny)  # a row that sees nothing has 0 / tiny = 0
+                o = o.div_(den) if not grad else o / den
+            if not direct:
+                o = o.view(x, nb, g, c, dv).transpose(1, 2).reshape(x, g, nb * c, dv)
+                out[r0:r1, :, t0:t1] = o[:, :, : t1 - t0]
+        final_s[r0:r1] = state.view(x, f, dv)
+        if normalize:
+            final_z[r0:r1] = norm.view(x, f)
+    out = out.view(b, h, g, n, dv)
+    return out, final_s.view(b, h, f, dv), (final_z.view(b, h, f) if normalize else None)
+
+
+def _carry(prefix: torch.Tensor, entering: torch.Tensor, start: torch.Tensor | None):
+    """Add a block's entering state [X, 1, W] to its chunk prefix sums [X, nb + 1, W],
+    decayed by ``start`` [X, nb + 1] (None: no decay)."""
+    if start is None:
+        return prefix.add_(entering)
+    return prefix.baddbmm_(start[:, :, None], entering)
 
 
 def _recurrent(fq5, fk5, v5, log_decay, s5):
@@ -395,7 +404,6 @@ def causal_scan(
     log_decay: torch.Tensor | None = None,
     normalize: bool = True,
     feature_map=None,
-    divide: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Causal linear attention of N new tokens after ``state`` (Nq == Nk == N).
 
@@ -404,8 +412,7 @@ def causal_scan(
     same decay at every step, whose weights the chunked form builds once).
     ``feature_map(x, query=...)``: when given, fq and fk are the raw queries and keys and
     the chunked form maps them block by block (no full-length feature tensors). Returns
-    the output [B, Hq, N, Dv] in float32 (float64 for float64 input; chunked, normalised and
-    ``divide=False``: [B, Hq, N, Dv + 1], numerator and normaliser) and the new state
+    the output [B, Hq, N, Dv] in float32 (float64 for float64 input) and the new state
     (see :func:`init_state`; with a per-query-head decay the state has Hq heads).
     """
     if fq.shape[-2] != fk.shape[-2]:
@@ -450,7 +457,6 @@ def causal_scan(
         chunk=chunk,
         feature_map=feature_map,
         log_decay=log_decay,
-        divide=divide,
     )
     return out.reshape(b, hq, n, -1), ({"S": s, "z": z} if normalize else {"S": s})
 

@@ -12,12 +12,9 @@ import torch.nn.functional as F
 from attnlab.core import Mechanism, Spec, register
 from attnlab.core.checks import check_positive_int
 from attnlab.core.masks import repeat_kv
-from attnlab.core.scan import acc_dtype, causal_scan, orthogonal_gaussian
+from attnlab.core.scan import acc_dtype, block_plan, choose_chunk, orthogonal_gaussian
 
 from ._featuremap import SeededDraws
-
-# Queries per chunk of the exact window (each chunk's keys span C + W - 1 positions).
-WINDOW_CHUNK = 32
 
 
 def taylor_features(x: torch.Tensor) -> torch.Tensor:
@@ -41,6 +38,28 @@ def taylor_features(x: torch.Tensor) -> torch.Tensor:
         torch.mul(x[..., i : i + 1], x[..., i + 1 :], out=out[..., col : col + d - 1 - i])
         col += d - 1 - i
     return out
+
+
+def _windows(x: torch.Tensor, nb: int, c: int, span: int) -> torch.Tensor:
+    """Overlapping views [X, nb, span, D] of x [X, (nb + L)·C, D]: chunk c's window starts
+    at row c·C (no copy)."""
+    return x.as_strided(
+        (x.shape[0], nb, span, x.shape[-1]), (x.stride(0), c * x.stride(1), x.stride(1), 1)
+    )
+
+
+def _window_softmax(q, k, v, bias, scale, grad):
+    """(softmax(q kᵀ·scale + bias) v, its log-sum-exp [..., 1]) over each chunk's window:
+    without autograd torch's fused CPU kernel (which returns the log-sum-exp; it needs
+    v as wide as q), else the same in plain operations."""
+    if not grad and q.device.type == "cpu" and v.shape[-1] == q.shape[-1]:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, attn_mask=bias, scale=scale
+        )[:2]
+        return out, lse[..., None]
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale + bias
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    return torch.matmul(torch.exp(s - lse), v), lse
 
 
 @register
@@ -95,6 +114,7 @@ class Based(SeededDraws, Mechanism):
     def __init__(self, **config):
         super().__init__(**config)
         self._init_draws()
+        self._masks: dict[tuple, list] = {}
 
     def unsupported(self, q, k, v, *, causal=False, mask=None):
         reasons = super().unsupported(q, k, v, causal=causal, mask=mask)
@@ -139,48 +159,115 @@ class Based(SeededDraws, Mechanism):
 
     # --- the forms ------------------------------------------------------------------------
 
-    def _with_window(self, q, k, v, far, scale):
-        """Combine the Taylor sums over all past keys, ``far`` [B, Hq, N, Dv + 1] (numerator,
-        normaliser), with the last W keys: there the Taylor weight is swapped for the exact
-        exp(s - m), m = max(0, the largest window score), and the far sums are scaled by
-        e^(-m). Queries go in chunks of C; a chunk's window spans C + W - 1 keys (a view of
-        the padded keys), one (batch, kv head) at a time, so temporaries stay small.
+    def _lag_masks(self, c: int, dtype, device):
+        """Masks of a chunk's local keys, chunks c - L .. c for query chunk c (L = (W + C -
+        2) // C, the last lag that reaches into the window), by the distance d = i - j:
+        ``exact`` [C, (L + 1)·C] an additive bias, 0 where 0 <= d < W, -inf elsewhere; and
+        per lag l the [C, C] float mask of d >= W (the Taylor weights), None where a lag
+        has none."""
+        key = ("lag_masks", c, dtype, str(device))
+        if key not in self._masks:
+            w = self.config.window
+            lags = (w + c - 2) // c
+            r = torch.arange(c, device=device)
+            dist = lags * c + r[:, None] - torch.arange((lags + 1) * c, device=device)[None, :]
+            exact = torch.zeros(dist.shape, dtype=dtype, device=device)
+            exact.masked_fill_((dist < 0) | (dist >= w), -math.inf)
+            far = []
+            for lag in range(lags + 1):
+                d = lag * c + r[:, None] - r[None, :]
+                far.append((d >= w).to(dtype) if bool((d >= w).any()) else None)
+            self._masks[key] = (exact, far)
+        return self._masks[key]
+
+    def _chunked(self, q, k, v, scale):
+        """The chunked causal form, blocks of C-token chunks per (batch, kv head).
+
+        For query chunk c the keys of chunks c - L .. c are local: inside the window one
+        fused softmax over them gives the exact part and its log-sum-exp; beyond it (within
+        those chunks) the Taylor weights 1 + s̃ + s̃²/2 come from the d'-dim projections
+        (s̃ = q̃·k̃, no F-wide products). Older keys reach the query through the Taylor
+        state S = sum phi(k)ᵀ v, z = sum phi(k) entering chunk c - L (a [nb + 1, nb] prefix
+        product over a block's chunk states, as in :func:`attnlab.core.scan.causal_scan`).
+        The two halves meet as (a·exact + b·num) / (a + b·den), a = e^(lse - M), b = e^(-M),
+        M = max(0, lse). Grouped query heads share their kv head's chunks; nothing of size
+        N x N is built.
         """
         b, hq, n, d = q.shape
-        hk, dv, w = k.shape[1], v.shape[-1], self.config.window
-        g = hq // hk
-        c = max(1, min(WINDOW_CHUNK, n))
-        pad = (-n) % c
-        nc, span = (n + pad) // c, c + w - 1
-        t = torch.arange(span, device=q.device)
-        rows = torch.arange(c, device=q.device)[:, None]
-        first = torch.arange(nc, device=q.device)[:, None, None] * c - (w - 1)  # key of t = 0
-        allowed = (t >= rows) & (t <= rows + w - 1) & (t + first >= 0)  # [nc, C, span]
-        allowed = allowed[:, None].expand(nc, g, c, span).reshape(nc, g * c, span)
-        out = torch.empty(b, hq, n, dv, dtype=far.dtype, device=q.device)
-        for bi in range(b):
-            for hi in range(hk):
-                heads = slice(hi * g, (hi + 1) * g)
-                kk = F.pad(k[bi, hi], (0, 0, w - 1, pad))
-                vv = F.pad(v[bi, hi], (0, 0, w - 1, pad)).unfold(0, span, c)  # [nc, Dv, span]
-                kp = self._project(kk, scale).unfold(0, span, c)
-                qq = F.pad(q[bi, heads], (0, 0, 0, pad)).view(g, nc, c, d).transpose(0, 1)
-                qq = qq.reshape(nc, g * c, d)
-                s = torch.bmm(qq * scale, kk.unfold(0, span, c))  # [nc, G*C, span]
-                s = s.masked_fill(~allowed, float("-inf"))
-                m = s.amax(-1, keepdim=True).clamp_min(0.0)
-                st = torch.bmm(self._project(qq, scale), kp)  # q̃·k̃: the Taylor argument
-                taylor = (torch.addcmul(st, st, st, value=0.5) + 1.0).masked_fill(~allowed, 0.0)
-                shrink = torch.exp(-m)
-                # exp(s - m) - e^(-m)·taylor(s̃): the window's exact weight replaces its Taylor one
-                weight = torch.addcmul(torch.exp(s - m), taylor, shrink, value=-1.0)
-                f = F.pad(far[bi, heads], (0, 0, 0, pad)).view(g, nc, c, dv + 1)
-                f = f.transpose(0, 1).reshape(nc, g * c, dv + 1)
-                num = torch.bmm(weight, vv.transpose(1, 2)) + shrink * f[..., :dv]
-                den = weight.sum(-1, keepdim=True) + shrink * f[..., dv:]
-                res = (num / den).view(nc, g, c, dv).transpose(0, 1).reshape(g, nc * c, dv)
-                out[bi, heads] = res[:, :n]
-        return out
+        hk, dv = k.shape[1], v.shape[-1]
+        g, acc = hq // hk, q.dtype
+        c = max(1, min(self.config.chunk or choose_chunk(n), n))
+        exact_bias, far_masks = self._lag_masks(c, acc, q.device)
+        lags, span = len(far_masks) - 1, exact_bias.shape[-1]
+        fdim = self.feature_dim(d)
+        proj = self.projection(d)
+        proj = torch.eye(d, dtype=acc, device=q.device) if proj is None else proj.to(q.device, acc)
+        proj = proj * scale**0.5
+        rows = b * hk
+        block, group = block_plan(n, c, g * max(fdim, span, dv), rows, q.device)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        q, k, v = q.reshape(rows, g, n, d), k.reshape(rows, n, d), v.reshape(rows, n, dv)
+        out = torch.empty(rows, g, n, dv, dtype=acc, device=q.device)
+        prefix = {}
+        for r0 in range(0, rows, group):
+            r1 = min(r0 + group, rows)
+            x = r1 - r0
+            state = torch.zeros(x, 1, fdim * dv, dtype=acc, device=q.device)
+            norm = torch.zeros(x, 1, fdim, dtype=acc, device=q.device)
+            for t0 in range(0, n, block):
+                t1 = min(t0 + block, n)
+                nb = -(-(t1 - t0) // c)
+                pad = nb * c - (t1 - t0)
+                k0 = max(0, t0 - lags * c)
+                front = lags * c - (t0 - k0)  # keys before position 0: whole chunks of zeros
+                qb = F.pad(q[r0:r1, :, t0:t1], (0, 0, 0, pad))
+                qb = qb.view(x, g, nb, c, d).transpose(1, 2).reshape(x, nb, g * c, d)
+                kb = F.pad(k[r0:r1, k0:t1], (0, 0, front, pad))  # [X, (nb + L)·C, D]
+                vb = F.pad(v[r0:r1, k0:t1], (0, 0, front, pad))
+                # the window: one softmax per chunk over its L + 1 chunks of keys (views)
+                bias = exact_bias if g == 1 else exact_bias.repeat(g, 1)  # [G·C, span]
+                if front:  # the first chunks' keys before position 0 are no keys
+                    bias = bias.expand(1, nb, g * c, span).clone()
+                    for chunk in range(min(nb, front // c)):
+                        bias[:, chunk, :, : front - chunk * c] = -math.inf
+                near, lse = _window_softmax(
+                    qb, _windows(kb, nb, c, span), _windows(vb, nb, c, span), bias, scale, grad
+                )
+                # the Taylor weights: local ones beyond the window, then the state
+                kb, vb = kb.view(x, nb + lags, c, d), vb.view(x, nb + lags, c, dv)
+                q_small, k_small = qb @ proj, kb @ proj  # the d'-dim Taylor arguments
+                fk = taylor_features(k_small[:, :nb])  # the keys that enter the state here
+                if front or pad:  # keys outside the sequence stay out of the state
+                    pos = torch.arange(nb * c, device=q.device) + (k0 - front)
+                    fk = fk * ((pos >= 0) & (pos < n)).view(1, nb, c, 1).to(acc)
+                if nb not in prefix:
+                    prefix[nb] = torch.ones(nb + 1, nb, dtype=acc, device=q.device).tril_(-1)
+                kv = torch.matmul(fk.transpose(-1, -2), vb[:, :nb])  # [X, nb, F, Dv]
+                states = torch.matmul(prefix[nb], kv.view(x, nb, -1)) + state
+                norms = torch.matmul(prefix[nb], fk.sum(2)) + norm
+                state, norm = states[:, nb:], norms[:, nb:]
+                fq = taylor_features(q_small)
+                num = torch.matmul(fq, states[:, :nb].reshape(x, nb, fdim, dv))
+                den = torch.matmul(fq, norms[:, :nb, :, None])
+                skip = front // c  # padding chunks: lag l reaches them from chunks < skip - L + l
+                for lag, far_mask in enumerate(far_masks):
+                    if far_mask is None:
+                        continue
+                    keys = slice(lags - lag, lags - lag + nb)
+                    st = torch.matmul(q_small, k_small[:, keys].transpose(-1, -2))
+                    st = st.view(x, nb, g, c, c)
+                    weight = (torch.addcmul(st, st, st, value=0.5) + 1.0) * far_mask
+                    if skip - lags + lag > 0:
+                        weight[:, : skip - lags + lag] = 0.0
+                    weight = weight.view(x, nb, g * c, c)
+                    num = num + torch.matmul(weight, vb[:, keys])
+                    den = den + weight.sum(-1, keepdim=True)
+                top = lse.clamp_min(0.0)
+                a, b_far = torch.exp(lse - top), torch.exp(-top)
+                res = (a * near + b_far * num) / (a + b_far * den)
+                res = res.view(x, nb, g, c, dv).transpose(1, 2).reshape(x, g, nb * c, dv)
+                out[r0:r1, :, t0:t1] = res[:, :, : t1 - t0]
+        return out.view(b, hq, n, dv)
 
     def _attend(self, q, k, v, scale, form):
         acc = acc_dtype(q)
@@ -212,15 +299,7 @@ class Based(SeededDraws, Mechanism):
                 device=q.device,
             )
             return self._steps(q, k, v, state, scale)[0]
-        far, _ = causal_scan(
-            q,
-            k,
-            v,
-            chunk=self.config.chunk,
-            feature_map=lambda x, query: self.features(x, scale),
-            divide=False,
-        )
-        return self._with_window(q, k, v, far, scale)
+        return self._chunked(q, k, v, scale)
 
     def forward(self, q, k, v, *, causal=True, mask=None, scale=None):
         return self._attend(q, k, v, scale, self.config.form).to(q.dtype)
