@@ -231,13 +231,14 @@ def test_dhsa_chunks_respect_the_grid():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("top_k", [2, 4])
 def test_moba_tiled_inference_path_matches_dense(monkeypatch, causal, top_k):
-    """The tiled inference path (causal sub-blocks of the own block, padded per-block
-    calls, gate in row chunks, own pieces) equals the dense answer of its selection."""
+    """The tiled inference path (causal sub-blocks of the own block, one call per key
+    block, long runs in halves, gate in row chunks) equals the dense answer of its
+    selection."""
     import attnlab.mechanisms.sparse.moba as moba
 
     monkeypatch.setattr(moba, "_OWN_TILE", 4)
     monkeypatch.setattr(moba, "_GATE_ROWS", 5)
-    monkeypatch.setattr(moba, "_OWN_ROWS", 1)
+    monkeypatch.setattr(moba, "_SPLIT_RUN", 3)  # runs of 3+ queries go in as two halves
     q, k, v = rand(b=2, h=4, n=48)
     k, v = k[:, :2], v[:, :2]  # grouped-query
     assert moba.tiled_applies(q, k, v, block=8, mask=None)

@@ -28,11 +28,9 @@ TILED_DTYPES = (torch.float32, torch.float64)
 # kernel computes a whole [queries, keys] tile, so a 512-query causal square costs
 # a full square; sub-blocks attending their prefix compute 5/8 of it
 _OWN_TILE = 128
-# heads per call against one key block in the tiled path: each head's list is padded
-# to the longest of its group (8 heads: ~29% padding at N=16384, pairs: ~10%)
-_HEAD_GROUP = 2
-# query rows per piece when whole blocks attend themselves (temporaries of a few MiB)
-_OWN_ROWS = 1 << 15
+# runs of at least this many queries against one key block go into the fused kernel
+# as two halves (balanced over its two threads; measured 10-30% faster from ~1000 on)
+_SPLIT_RUN = 1024
 # queries gated at a time in moba_select
 _GATE_ROWS = 2048
 
@@ -86,7 +84,7 @@ def moba_select(q, k, *, block: int, top_k: int, causal: bool) -> torch.Tensor:
                 if width == 1:
                     val, top = gate.max(dim=-1, keepdim=True)
                 else:
-                    val, top = gate.topk(width, dim=-1, sorted=False)
+                    val, top = gate.topk(width, dim=-1)  # sorted: faster on CPU
                 idx[..., :width] = torch.where(torch.isinf(val), -1, top)
             picks.append(idx)
     idx = picks[0] if len(picks) == 1 else torch.cat(picks, dim=2)
@@ -118,104 +116,143 @@ def _causal_bias(rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tens
 
 
 def tiled_moba(q, k, v, sel, *, block: int, scale: float, causal: bool) -> torch.Tensor:
-    """MoBA attention in torch's fused CPU flash kernel, tile by tile (inference).
+    """MoBA attention in torch's fused CPU flash kernel, head by head (inference).
 
     Inputs as :func:`tiled_applies` accepts; ``sel`` from :func:`moba_select`
-    (slot 0 the own block). First the other blocks: for each slot and key
-    block j, the queries that chose j in that slot are gathered into calls
-    against block j (``_HEAD_GROUP`` heads as the batch of a call, each
-    head's list padded to the longest of them), the block read in place (no
-    key gather); results and log-sum-exps land in per-slot buffers in query order (a
-    query has one block per slot, so rows never collide; padding writes an
-    extra row; the first slot's buffer is the output itself).
-    Then every query attends its own key block, all blocks batched in one
-    call per piece; under the causal rule the block is cut into sub-blocks
-    of ``_OWN_TILE`` queries, each attending only the prefix of its block up
-    to itself (the kernel would otherwise compute the whole square). Each
-    piece is merged with the slots' results by log-sum-exp straight into
-    the output.
+    (slot 0 the own block). One head at a time, so that every temporary is a
+    few MiB (reused by malloc, never page-faulted afresh):
+
+    - the other blocks (:func:`_other_blocks`): the head's (slot, query)
+      choices sorted by key block, the queries gathered once in that order,
+      and every query that chose key block j, in any slot, in one call
+      against block j, read in place (no key gather); the results gathered
+      back to (slot, query) order;
+    - the own block: all blocks of the head in one call per sub-block;
+      under the causal rule cut into sub-blocks of ``_OWN_TILE`` queries,
+      each attending only the prefix of its block up to itself (the kernel
+      would otherwise compute the whole square), merged with the slots'
+      results by log-sum-exp straight into the output.
     """
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     b, h, n, d = q.shape
-    bh, nb = b * h, n // block
-    groups = h // k.shape[1]
-    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-    qb, kb, vb = (x.reshape(bh, nb, block, d) for x in (q, k, v))
-    other = sel[..., 1:].reshape(bh * n, -1).t()  # [slots, B*H*Nq]
-    slots = other.shape[0]
-    valid = other >= 0
-    # slot 0's results go straight into the output, which the own blocks then merge
-    # into; every buffer has one extra row that padding rows write to
-    dummy = bh * n
-    out = q.new_empty(dummy + 1, d)
-    o2 = [out, *(q.new_empty(dummy + 1, d) for _ in range(1, slots))]
-    l2 = q.new_full((slots, dummy + 1), NEG_INF)
-    for s in range(slots):  # merged with weight 0, but must be finite
-        o2[s].index_fill_(0, (~valid[s]).nonzero().squeeze(1), 0.0)
-    if slots and bool(valid.any()):
-        slot, rows = valid.nonzero(as_tuple=True)
-        chosen = other[slot, rows]
-        # sorted by (slot, key block, head, query); per (slot, block), one call for each
-        # group of heads, every head's list padded to the longest of its group
-        segment = slot * nb + chosen
-        order = (segment * dummy + rows).argsort()
-        rows, segment = rows[order], segment[order]
-        group = segment * bh + rows // n
-        counts = torch.bincount(group, minlength=slots * nb * bh)
-        rank = torch.arange(rows.numel(), device=q.device) - (counts.cumsum(0) - counts)[group]
-        heads = _HEAD_GROUP if bh % _HEAD_GROUP == 0 else 1
-        longest = counts.view(slots * nb, bh // heads, heads).amax(dim=2)
-        width = int(longest.max())
-        lists = torch.full((slots * nb * bh * width,), dummy, device=q.device)
-        lists[group * width + rank] = rows
-        lists = lists.view(slots * nb, bh, width)
-        q_flat = q.reshape(dummy, d)
-        for seg, per_group in enumerate(longest.tolist()):
-            s, j = divmod(seg, nb)
-            for g, length in enumerate(per_group):
-                if length == 0:
-                    continue
-                hs = slice(g * heads, (g + 1) * heads)
-                scatter = lists[seg, hs, :length].flatten()
-                gather = torch.where(scatter < dummy, scatter, 0)
-                qj = q_flat.index_select(0, gather).view(heads, 1, length, d)
-                o, lse = flash(qj, kb[hs, j, None], vb[hs, j, None], scale=scale)
-                o2[s].index_copy_(0, scatter, o.reshape(-1, d))
-                l2[s].index_copy_(0, scatter, lse.reshape(-1))
-    o2 = [x[:dummy].view(bh, nb, block, d) for x in o2]
-    l2 = l2[:, :dummy].view(slots, bh, nb, block)
-    out = out[:dummy].view(bh, nb, block, d)
+    hkv = k.shape[1]
+    bh, nb, groups = b * h, n // block, h // hkv
+    qh = q.reshape(bh, n, d)
+    kb, vb = (x.reshape(b * hkv, nb, block, d) for x in (k, v))
+    slots = sel.shape[-1] - 1
+    # the sort key, per head [slots, N]: the chosen block, in a narrow dtype (sorts faster)
+    key_dtype = torch.int16 if nb < 2**15 else torch.long
+    other = sel[..., 1:].reshape(bh, n, slots).transpose(1, 2).to(key_dtype).contiguous()
+    out = q.new_empty(bh, nb, block, d)
     sub = _OWN_TILE if causal and block > _OWN_TILE and block % _OWN_TILE == 0 else block
-    step = nb if sub < block else max(1, _OWN_ROWS // (bh * block))
-    for m0 in range(0, nb, step):
-        ms = slice(m0, min(m0 + step, nb))
-        for s0 in range(0, block, sub):
+    biases = [
+        _causal_bias(sub, s0 + sub, q.dtype, q.device) if causal and s0 else None
+        for s0 in range(0, block, sub)
+    ]
+    # per head, reused: queries in call order (then their results), and the
+    # results back in (slot, query) order
+    sorted_q = q.new_empty(slots * n, d)
+    sorted_l = q.new_empty(slots * n)
+    res_o = q.new_empty(slots, nb, block, d)
+    res_l = q.new_empty(slots, nb, block)
+    for t in range(bh):
+        kv = (t // h) * hkv + (t % h) // groups
+        if slots:
+            _other_blocks(
+                flash,
+                qh[t],
+                kb[kv],
+                vb[kv],
+                other[t],
+                scale,
+                sorted_q,
+                sorted_l,
+                res_o.view(slots * n, d),
+                res_l.view(slots * n),
+            )
+        qt = qh[t].view(1, nb, block, d)
+        for i, s0 in enumerate(range(0, block, sub)):
             rs, keys = slice(s0, s0 + sub), slice(0, s0 + sub if causal else block)
-            bias = None
-            if causal and s0:
-                bias = _causal_bias(sub, s0 + sub, q.dtype, q.device)
             o1, l1 = flash(
-                qb[:, ms, rs],
-                kb[:, ms, keys],
-                vb[:, ms, keys],
+                qt[:, :, rs],
+                kb[kv, None, :, keys],
+                vb[kv, None, :, keys],
                 0.0,
                 causal and s0 == 0,
-                attn_mask=bias,
+                attn_mask=biases[i],
                 scale=scale,
             )
-            target = out[:, ms, rs]
+            target = out[t, :, rs]
             if slots == 0:
-                target.copy_(o1)
+                target.copy_(o1[0])
                 continue
-            lo = l2[:, :, ms, rs]
+            lo, l1 = res_l[:, :, rs], l1[0]
             top = torch.maximum(l1, lo.amax(dim=0))
             w1, wo = (l1 - top).exp_(), (lo - top).exp_()
             total = w1 + wo.sum(dim=0)
+            target.copy_(o1[0]).mul_(w1.div_(total)[..., None])
             wo = wo.div_(total)[..., None]
-            target.mul_(wo[0]).addcmul_(o1, w1.div_(total)[..., None])
-            for s in range(1, slots):
-                target.addcmul_(o2[s][:, ms, rs], wo[s])
+            for s in range(slots):
+                target.addcmul_(res_o[s, :, rs], wo[s])
     return out.view(b, h, n, d)
+
+
+def _other_blocks(flash, q, kb, vb, chosen, scale, sorted_q, sorted_l, out, lse):
+    """One head's attention over the blocks other than its own, by key block.
+
+    ``q`` [N, D], ``kb``/``vb`` [nb, block, D], ``chosen`` [slots, N] (-1:
+    none). The (slot, query) pairs are sorted by chosen block, the queries
+    gathered once in that order into ``sorted_q``; every query that chose key
+    block j, in any slot, is then one contiguous run attending block j in one
+    call, its result written over its queries. Finally the results are
+    gathered back into (slot, query) order: ``out`` [slots * N, D] and
+    ``lse`` [slots * N] (zeros and -inf where a slot is empty).
+    """
+    n = q.shape[0]
+    nb = kb.shape[0]
+    flat = chosen.reshape(-1)  # slot-major: pair p is query p % N
+    order = flat.argsort()  # empty slots (-1) first
+    counts = torch.bincount(flat.long() + 1, minlength=nb + 1).tolist()
+    torch.index_select(q, 0, order % n, out=sorted_q)
+    empty = counts[0]
+    sorted_q[:empty] = 0.0  # merged with weight 0, but must be finite
+    sorted_l[:empty] = NEG_INF
+    start = empty
+    for j, count in enumerate(counts[1:]):
+        if count == 0:
+            continue
+        _attend_run(flash, sorted_q, sorted_l, start, count, kb[j], vb[j], scale)
+        start += count
+    where = torch.empty_like(order)
+    where[order] = torch.arange(order.numel(), device=q.device)
+    torch.index_select(sorted_q, 0, where, out=out)
+    torch.index_select(sorted_l, 0, where, out=lse)
+
+
+def _attend_run(flash, sorted_q, sorted_l, start, count, kb, vb, scale):
+    """Rows ``start:start+count`` of ``sorted_q`` attend one key block [block, D]; the
+    result is written over them, the log-sum-exp into ``sorted_l``.
+
+    A long run goes in as two halves (the batch of the call; for an odd count they
+    share one row), so that the kernel's two threads get equal work: it splits
+    a call into tiles of up to 256 queries and hands each thread a contiguous share
+    of them, which for a single run leaves the last, short tile unbalanced.
+    """
+    d = sorted_q.shape[1]
+    if count < _SPLIT_RUN:
+        span = slice(start, start + count)
+        o, lse = flash(sorted_q[None, None, span], kb[None, None], vb[None, None], scale=scale)
+        sorted_q[span] = o.view(count, d)
+        sorted_l[span] = lse.view(count)
+        return
+    half, second = -(-count // 2), start + count // 2
+    q2 = sorted_q.as_strided((2, 1, half, d), ((second - start) * d, d, d, 1), start * d)
+    k2, v2 = (x.expand(2, 1, *x.shape) for x in (kb, vb))
+    o, lse = flash(q2, k2, v2, scale=scale)  # o [2, 1, half, D], lse [2, 1, half]
+    sorted_q[start : start + half] = o[0, 0]
+    sorted_q[second : start + count] = o[1, 0]
+    sorted_l[start : start + half] = lse[0, 0]
+    sorted_l[second : start + count] = lse[1, 0]
 
 
 def selection_layout(sel: torch.Tensor, nq: int, nk: int, block: int, causal: bool) -> BlockLayout:
