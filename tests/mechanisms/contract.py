@@ -60,6 +60,30 @@ def modes(spec):
     return out
 
 
+def causal_probes(mech, n: int) -> list[tuple[int, str]]:
+    """(cut, inputs) pairs that the Spec's ``causality`` promises: redrawing ``inputs``
+    (a subset of "qkv") at every position >= cut leaves the outputs of the queries before
+    ``cut`` unchanged (self-attention of length ``n``).
+
+    - "token": every later query, key and value, after query 10 (cut 11).
+    - "block": every token after the end of a block of ``config.block`` positions, at each
+      block end; and every later value, after queries 0, 5, 10 and 17.
+    - "values": every later query and value, after queries 0, 7, 10 and 18.
+    """
+    causality = mech.spec.causality
+    if causality == "token":
+        return [(11, "qkv")]
+    if causality == "values":
+        return [(cut, "qv") for cut in (1, 8, 11, 19)]
+    assert causality == "block", f"{mech.spec.name}: unknown causality {causality!r}"
+    block = getattr(mech.config, "block", None)
+    assert isinstance(block, int), (
+        f"{mech.spec.name}: causality 'block' needs an int config.block, got {block!r}"
+    )
+    ends = [(end, "qkv") for end in range(block, n, block)]
+    return ends + [(cut, "v") for cut in (1, 6, 11, 18)]
+
+
 def eager_error(q, k, v, *, causal, mask=None) -> float:
     """Max error of plain eager matmul-softmax-matmul in q's dtype against fp64."""
     ref = reference_attention(q, k, v, causal=causal, mask=mask)

@@ -43,13 +43,9 @@ class MoSA(Mechanism):
     attention; but whether i and its earlier keys are chosen depends on the
     router scores of later positions (expert choice ranks the whole
     sequence). The output of query i is thus independent of later values
-    and queries, not of later keys. The contract's causal mode promises
-    independence from every later token, so ``causal=True`` is refused by
-    :meth:`unsupported` and the Spec says ``causal=False``;
-    ``forward(..., causal=True)`` computes the paper's form (tested in
-    ``tests/mechanisms/test_sparse_causal_routed.py``) for when the contract
-    gains a mode for it. The authors' code has no decoding path for this
-    choice, so there is no ``step``.
+    and queries, not of later keys (``Spec.causality = "values"``). The
+    authors' code has no decoding path for this choice, so there is no
+    ``step``.
     """
 
     spec = Spec(
@@ -58,7 +54,7 @@ class MoSA(Mechanism):
         title="MoSA: mixture of sparse attention (expert-choice token routing)",
         paper="arXiv:2505.00315",
         exact=False,
-        causal=False,
+        causality="values",
         cross=False,
         complexity="O(N·D + k²·D) per head",
     )
@@ -91,14 +87,6 @@ class MoSA(Mechanism):
 
     def unsupported(self, q, k, v, *, causal=False, mask=None):
         reasons = super().unsupported(q, k, v, causal=causal, mask=mask)
-        if causal:
-            reasons = [r for r in reasons if not r.startswith("causal:")]
-            reasons.append(
-                "causal: MoSA (Piękos et al., arXiv:2505.00315) chooses each head's tokens by "
-                "expert choice over the whole sequence, so whether query i and its keys are "
-                "chosen depends on the router scores of later keys; the causal mode requires "
-                "outputs independent of every later token (pass causal=False)"
-            )
         if self.router is not None and tuple(self.router.shape) != (q.shape[1], q.shape[-1]):
             reasons.append(
                 f"q: this MoSA router was built for {self.router.shape[0]} heads of dim "

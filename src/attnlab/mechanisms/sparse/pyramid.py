@@ -72,13 +72,9 @@ class Pyramid(Mechanism):
     query of the block (bottom-right), and a pooled key is seen by a query
     only once every position it averages is (its last real position <= the
     query's). Importance still pools every query and key of a block, so the
-    form is causal per block (the output of query i does not depend on
-    tokens after the end of its query block, nor on any value after i), not
-    token by token. The contract's causal mode promises token-level
-    causality, so ``causal=True`` is refused by :meth:`unsupported` and the
-    Spec says ``causal=False``; ``forward(..., causal=True)`` computes the
-    block-causal form (tested in ``tests/mechanisms/test_sparse_causal_routed.py``)
-    for when the contract gains a block-causal mode.
+    form is causal per block (``Spec.causality = "block"``): the output of
+    query i does not depend on tokens after the end of its query block, nor
+    on any value after i.
 
     A pooled key mixes positions, so no per-key mask is taken. ``density``
     reports the last call (keys and pooled keys visited per query, over Nk).
@@ -90,7 +86,7 @@ class Pyramid(Mechanism):
         title="PSA: pyramid sparse attention (a pooling level per key block)",
         paper="arXiv:2512.04025",
         exact=False,
-        causal=False,
+        causality="block",
         mask=False,
         complexity="O(N·Σ_h n_h·B/2^(h-1)·D + N²/B²·D)",
     )
@@ -120,18 +116,6 @@ class Pyramid(Mechanism):
     def __init__(self, **config):
         super().__init__(**config)
         self._last_density: tuple[int, int, float] | None = None
-
-    def unsupported(self, q, k, v, *, causal=False, mask=None):
-        reasons = super().unsupported(q, k, v, causal=causal, mask=mask)
-        if causal:
-            reasons = [r for r in reasons if not r.startswith("causal:")]
-            reasons.append(
-                "causal: PSA (Li et al., arXiv:2512.04025) ranks the key blocks of a query "
-                "block by the pooled queries and keys of whole blocks, so its causal form is "
-                f"causal per block of {self.config.block} tokens, not per token as the causal "
-                "mode requires (pass causal=False)"
-            )
-        return reasons
 
     def levels(
         self, q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool = False

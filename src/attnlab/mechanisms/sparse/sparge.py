@@ -31,13 +31,19 @@ def self_similarity(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def cdf_select(p: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Bool: the smallest set of largest entries of each row of ``p`` whose sum reaches
-    ``threshold`` (every entry when threshold >= 1)."""
+    """Bool: per row of ``p``, the largest entries whose cumulative sum (largest first)
+    stays within ``threshold``, at least the largest one (every entry when
+    threshold >= 1).
+
+    As the authors' ``get_block_map_meansim`` (thu-ml/SpargeAttn,
+    ``spas_sage_attn/utils.py``): ``searchsorted(cdf, threshold, right=True)`` blocks,
+    one when that is zero; the block whose mass crosses the threshold is not kept.
+    """
     if threshold >= 1.0:
         return torch.ones_like(p, dtype=torch.bool)
     val, order = p.sort(dim=-1, descending=True)
-    before = val.cumsum(dim=-1) - val  # mass of the entries ranked above
-    keep_sorted = before < threshold
+    keep_sorted = val.cumsum(dim=-1) <= threshold
+    keep_sorted[..., 0] = True
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
@@ -50,10 +56,12 @@ class Sparge(Mechanism):
     block is compressed to its mean. A block is self-similar when the mean
     cosine similarity of its tokens reaches ``sim_threshold``; only then does
     its mean stand for it. The compressed map P̂ = softmax(q̄ k̄ᵀ · scale) over
-    the self-similar key blocks gives each query block the fewest key blocks
-    whose P̂ mass reaches ``cdf_threshold`` (the cumulative-threshold, TopCdf,
-    selection); query blocks that are not self-similar keep every key block,
-    and key blocks that are not self-similar are kept by every query block.
+    the self-similar key blocks gives each query block its highest-ranked key
+    blocks whose cumulative P̂ mass stays within ``cdf_threshold``, at least
+    one (the TopCdf selection, counted as the authors' code does: the block
+    whose mass crosses the threshold is left out); query blocks that are not
+    self-similar keep every key block, and key blocks that are not
+    self-similar are kept by every query block.
     Attention then runs on the kept blocks, token by token. The paper's
     second, in-kernel stage (skipping by the online softmax maximum) is a
     kernel-level optimisation and is left out.
@@ -63,15 +71,10 @@ class Sparge(Mechanism):
     the block-level causal mask before the softmax and the kept blocks after
     the selection): only key blocks holding a visible key take part in P̂
     and are kept, and inside them the token-level causal rule applies. The
-    prediction still pools every query and key of a block, so the routing of
-    query i reads the queries and keys up to the end of its block: the form
-    is causal per block (the output of query i does not depend on tokens
-    after the end of its query block, nor on any value after i), not token
-    by token. The contract's causal mode promises token-level causality, so
-    ``causal=True`` is refused by :meth:`unsupported` and the Spec says
-    ``causal=False``; ``forward(..., causal=True)`` computes the block-causal
-    form (tested in ``tests/mechanisms/test_sparse_causal_routed.py``) for
-    when the contract gains a block-causal mode.
+    prediction still pools every query and key of a block, so the form is
+    causal per block (``Spec.causality = "block"``): the output of query i
+    does not depend on tokens after the end of its query block, nor on any
+    value after i.
 
     ``density`` reports the last call's layout (1.0 before any call).
     """
@@ -82,7 +85,7 @@ class Sparge(Mechanism):
         title="SpargeAttn: block-sparse prediction from compressed q, k",
         paper="arXiv:2502.18137",
         exact=False,
-        causal=False,
+        causality="block",
         complexity="O(N²/B²·D + kept blocks·B²·D)",
     )
     tiny_config: ClassVar[dict] = {"block": 4, "cdf_threshold": 0.5, "sim_threshold": 0.2}
@@ -105,18 +108,6 @@ class Sparge(Mechanism):
     def __init__(self, **config):
         super().__init__(**config)
         self._last: BlockLayout | None = None
-
-    def unsupported(self, q, k, v, *, causal=False, mask=None):
-        reasons = super().unsupported(q, k, v, causal=causal, mask=mask)
-        if causal:
-            reasons = [r for r in reasons if not r.startswith("causal:")]
-            reasons.append(
-                "causal: SpargeAttn (Zhang et al., arXiv:2502.18137) predicts the key blocks "
-                "of a query block from the pooled queries and keys of whole blocks, so its "
-                f"causal form is causal per block of {self.config.block} tokens, not per token "
-                "as the causal mode requires (pass causal=False)"
-            )
-        return reasons
 
     def predict(
         self, q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool = False
