@@ -158,6 +158,20 @@ class BlockLayout:
         step = max(1, _CHUNK_ELEMENTS // max(per_block, 1))
         return [(c0, min(c0 + step, self.q_blocks)) for c0 in range(0, self.q_blocks, step)]
 
+    def _run_chunks(self, count: list[int], batch_heads: int) -> list[tuple[int, int]]:
+        """Query-block ranges whose gathered scores (``count`` key blocks per query
+        block) hold at most ~16M elements; one wide row (a global query block
+        attending everything) does not shorten the others' chunks."""
+        per_slot = batch_heads * self.block * self.block
+        out, start, width = [], 0, 0
+        for c in range(self.q_blocks):
+            width = max(width, count[c])
+            if c > start and per_slot * width * (c - start + 1) > _CHUNK_ELEMENTS:
+                out.append((start, c))
+                start, width = c, count[c]
+        out.append((start, self.q_blocks))
+        return out
+
     def runs(self, batch_heads: int) -> list[tuple[int, int, int, bool, bool]]:
         """(c0, c1, slots, plain, seen): chunks of query blocks visiting at most ``slots`` blocks.
 
@@ -165,7 +179,8 @@ class BlockLayout:
         that some query block of it uses: border blocks that see more keys do
         not make every other block pay for padding. ``plain``: every pair of
         the chunk's slots is allowed, so no mask is needed; ``seen``: every
-        query of the chunk has a key to attend.
+        query of the chunk has a key to attend (padding queries beyond Nq are
+        dropped from the output and do not count).
         """
 
         def make():
@@ -175,7 +190,7 @@ class BlockLayout:
             first = self.kv_indices[..., 0].amax(dim=(0, 1))
             slide = [False, *(first[1:] == first[:-1] + 1).tolist()]
             out = []
-            for c0, c1 in self._chunks(batch_heads):
+            for c0, c1 in self._run_chunks(count, batch_heads):
                 start = c0
                 for c in range(c0 + 1, c1 + 1):
                     if (
@@ -185,7 +200,7 @@ class BlockLayout:
                     ):
                         used = int(max(count[start:c]))
                         plain = bool(self.kv_full[:, :, start:c, :used].all())
-                        seen = bool(self.seen()[:, :, start:c].all())
+                        seen = bool(self._real(self.seen()[:, :, start:c], start).all())
                         out.append((start, c, used, plain, seen))
                         start = c
             return out
@@ -211,6 +226,58 @@ class BlockLayout:
 
         return self._cached(f"sliding-{c0}-{c1}-{used}", make)
 
+    def band_split(self, c0: int, c1: int, used: int, dtype: torch.dtype):
+        """A run as a sliding band plus further blocks, or None (cached).
+
+        ``(first, width, extra, bias)`` when every batch entry and head of query
+        block c0 + i visits the consecutive key blocks first + i ... first + i +
+        width - 1 under one shared token mask (``bias`` [1, 1, bq, width·bk], None
+        when fully visible) in which every query sees a key, and besides them the
+        fully visible key blocks ``extra`` [Bl, Hl, c, E] (E may be 0).
+        """
+
+        def make():
+            idx = self.kv_indices[..., c0:c1, :used]
+            if not bool(self.kv_valid[..., c0:c1, :used].all()):
+                return None
+            rows = torch.arange(c0, c1, device=idx.device)[:, None]
+            off = idx - rows
+            lo, hi = int(off.min()), int(off.max())
+            present = torch.zeros(*off.shape[:-1], hi - lo + 1, dtype=torch.bool, device=idx.device)
+            common = present.scatter_(-1, off - lo, True).flatten(0, 2).all(dim=0)
+            # the longest run of consecutive offsets that every row and head visits
+            best, width, run = 0, 0, 0
+            for d, ok in enumerate(common.tolist()):
+                run = run + 1 if ok else 0
+                if run > width:
+                    best, width = d - run + 1, run
+            if width == 0:
+                return None
+            d0 = lo + best
+            in_band = (off >= d0) & (off < d0 + width)
+            extra = idx[~in_band].view(*idx.shape[:-1], used - width)
+            qpos, _ = self.positions(c0, c1)
+            ar = torch.arange(self.block, device=idx.device)
+            kpos = (extra[..., None] * self.block + ar).flatten(-2)[..., None, :]
+            if not bool(self._real(self._allowed_at(qpos, kpos), c0).all()):
+                return None
+            ar = torch.arange(width * self.block, device=idx.device)
+            kpos = ((rows + d0) * self.block + ar)[None, None, :, None, :]
+            allowed = self._allowed_at(qpos, kpos)
+            first = allowed[:1, :1, :1]
+            same = self._real(allowed == first, c0)
+            if not bool(same.all()) or not bool(first.any(dim=-1).all()):
+                return None
+            bias = None if bool(first.all()) else _bias(first[0], dtype)[0]
+            return c0 + d0, width, extra, bias
+
+        return self._cached(f"band-{c0}-{c1}-{used}-{dtype}", make)
+
+    def _real(self, x: torch.Tensor, c0: int) -> torch.Tensor:
+        """[Bl, Hl, c·bq, *] rows of x [Bl, Hl, c, bq, *] (query blocks from c0) that are
+        real queries, not padding beyond Nq."""
+        return x.flatten(2, 3)[:, :, : self.nq - c0 * self.block]
+
     def positions(self, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Query positions [c, bq, 1] and gathered key positions [Bl, Hl, c, 1, S*bk]."""
         device = self.kv_indices.device
@@ -228,7 +295,12 @@ class BlockLayout:
         qpos, kpos = self.positions(c0, c1)
         valid = self.kv_valid[:, :, c0:c1, :, None].expand(-1, -1, -1, -1, self.block)
         valid = valid.reshape(valid.shape[0], valid.shape[1], c1 - c0, 1, -1)
-        allowed = valid & (qpos < self.nq) & (kpos < self.nk)
+        return self._allowed_at(qpos, kpos) & valid
+
+    def _allowed_at(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        """Bool [Bl, Hl, c, bq, K]: the token rule at query positions [c, bq, 1] and key
+        positions [Bl|1, Hl|1, c, 1, K]; padded queries and keys are never allowed."""
+        allowed = (qpos < self.nq) & (kpos < self.nk)
         if self.mask_mod is not None:
             bl, hl = self.kv_indices.shape[:2]
             device = self.kv_indices.device
@@ -236,7 +308,7 @@ class BlockLayout:
             h = torch.arange(hl, device=device).view(1, hl, 1, 1, 1)
             rule = self.mask_mod(b, h, qpos.clamp(max=self.nq - 1), kpos.clamp(max=self.nk - 1))
             allowed = allowed & rule
-        shape = torch.broadcast_shapes(allowed.shape, (1, 1, c1 - c0, self.block, 1))
+        shape = torch.broadcast_shapes(allowed.shape, (1, 1, qpos.shape[0], self.block, 1))
         return allowed.expand(shape)
 
     def _cached(self, name: str, make: Callable[[], Any]) -> Any:
@@ -356,9 +428,22 @@ def torch_block_attention(
     out = None if grad else q.new_empty(b, hq, nqb, bs, dv)
     outs = []
     row_bytes = b * hq * bs * (k.shape[-1] + dv) * k.element_size()
+    lse = out is not None and mask is None and hq == hkv and _lse_kernel(q, k, v)
     for r0, r1, used, plain, all_seen in layout.runs(b * hq):
         plain = plain and mask is None
         start = layout.sliding_start(r0, r1, used) if hq == hkv else None
+        band = None
+        large = b * hq * (r1 - r0) * bs * used * bs >= _FUSED_MIN_ELEMENTS
+        if start is None and lse and all_seen and large:
+            band = layout.band_split(r0, r1, used, q.dtype)
+        if band is not None:
+            if kb.stride()[2:] != (bs * kb.shape[-1], kb.shape[-1], 1):
+                kb = kb.contiguous()
+            if vb.stride()[2:] != (bs * dv, dv, 1):
+                vb = vb.contiguous()
+            rows = (bi * hkv + hi) * nkb
+            _band_and_extras(qb, kb, vb, out, r0, r1, band, rows, row_bytes, scale)
+            continue
         step = r1 - r0
         if start is None and out is not None:
             # gathered pieces only without gradients: with them autograd keeps every piece
@@ -407,6 +492,50 @@ def torch_block_attention(
     if out is None:
         out = torch.cat(outs, dim=2)
     return out.view(b, hq, nqb * bs, dv)[:, :, :nq]
+
+
+def _lse_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the CPU flash kernel that also returns log-sum-exps takes these inputs."""
+    return q.device.type == "cpu" and q.dtype in FLOAT_DTYPES and k.shape[-1] == v.shape[-1]
+
+
+def _band_and_extras(qb, kb, vb, out, r0, r1, band, rows, row_bytes, scale):
+    """Query blocks r0..r1 of a run that :meth:`BlockLayout.band_split` splits (no autograd).
+
+    The band is read in place through a sliding view; the further blocks, all
+    fully visible, are gathered in pieces of about ``_GATHER_BYTES`` and
+    attended without a mask. The two partial softmaxes are merged by their
+    log-sum-exps into ``out``: o = o_x + (o_band - o_x)·sigmoid(lse_band - lse_x).
+    """
+    first, width, extra, bias = band
+    b, hq, _, bs, _ = qb.shape
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    keys = [_sliding_view(x, first, r1 - r0, width * bs, bs).flatten(0, 1) for x in (kb, vb)]
+    qr = qb[:, :, r0:r1].flatten(0, 1)
+    ob, lb = flash(qr, *keys, attn_mask=bias, scale=scale)
+    used = extra.shape[-1]
+    if used == 0:
+        out[:, :, r0:r1].copy_(ob.unflatten(0, (b, hq)))
+        return
+    if ob.dtype in (torch.float16, torch.bfloat16):
+        ob = ob.float()
+    step = max(1, _GATHER_BYTES // (row_bytes * used))
+    for c0 in range(r0, r1, step):
+        c1 = min(c0 + step, r1)
+        ids = (rows + extra[:, :, c0 - r0 : c1 - r0]).flatten()
+        kg, vg = (
+            x.reshape(-1, bs, x.shape[-1])
+            .index_select(0, ids)
+            .view(b * hq, c1 - c0, used * bs, x.shape[-1])
+            for x in (kb, vb)
+        )
+        ox, lx = flash(qr[:, c0 - r0 : c1 - r0], kg, vg, scale=scale)
+        w = torch.sigmoid_(lb[:, c0 - r0 : c1 - r0] - lx).unsqueeze(-1).to(ob.dtype)
+        dst = out[:, :, c0:c1].flatten(0, 1)
+        if dst.dtype == ob.dtype:
+            torch.lerp(ox, ob[:, c0 - r0 : c1 - r0], w, out=dst)
+        else:
+            dst.copy_(torch.lerp(ox.to(ob.dtype), ob[:, c0 - r0 : c1 - r0], w))
 
 
 def _sliding_view(x: torch.Tensor, start: int, count: int, length: int, step: int):

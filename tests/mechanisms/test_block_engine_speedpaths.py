@@ -1,0 +1,128 @@
+"""The block engine's inference speed paths give the dense answer (tiny shapes)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import attnlab
+import attnlab.core.blocks as blocks
+from attnlab.core.reference import reference_attention
+
+
+def _dense(mech, n, nk, causal, heads):
+    """The mechanism's own token rule as a dense bool mask [1, H, n, nk]."""
+    rule = mech.rule(n, nk, causal, heads)
+    b = torch.zeros(1, 1, 1, 1, dtype=torch.long)
+    h = torch.arange(heads).view(1, heads, 1, 1)
+    i, j = torch.arange(n).view(1, 1, n, 1), torch.arange(nk).view(1, 1, 1, nk)
+    dense = rule(b, h, i, j).expand(1, heads, n, nk)
+    return dense & (j <= i + nk - n) if causal else dense
+
+
+def _band_calls(monkeypatch):
+    """Record the runs that go through the band + log-sum-exp merge path."""
+    calls = []
+    inner = blocks._band_and_extras
+
+    def spy(*args, **kwargs):
+        calls.append(args[6])  # (first, width, extra, bias)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(blocks, "_band_and_extras", spy)
+    # every chunk counts as large, so tiny shapes take the fused kernels
+    monkeypatch.setattr(blocks, "_FUSED_MIN_ELEMENTS", 0)
+    return calls
+
+
+@pytest.mark.parametrize(("n", "nk"), [(96, 96), (90, 90), (60, 100)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_band_plus_gathered_blocks_equal_dense(monkeypatch, n, nk, causal):
+    """Local band read in place, global and random blocks gathered, merged by their
+    log-sum-exps: the dense answer, also with padded last blocks and cross shapes."""
+    calls = _band_calls(monkeypatch)
+    monkeypatch.setattr(blocks, "_GATHER_BYTES", 1)  # one query block per gathered piece
+    heads = 3
+    mech = attnlab.get("blocksparse", local=2, global_blocks=1, random=2, block=8, form="torch")
+    q = torch.randn(2, heads, n, 8, dtype=torch.float64)
+    k, v = (torch.randn(2, heads, nk, 8, dtype=torch.float64) for _ in range(2))
+    want = reference_attention(q, k, v, mask=_dense(mech, n, nk, causal, heads))
+    with torch.no_grad():
+        got = mech(q, k, v, causal=causal)
+    torch.testing.assert_close(got, want)
+    if causal or nk % 8 == 0:
+        # (without causality, rows whose band reaches a padded last key block step aside)
+        assert any(extra.shape[-1] > 0 for _, _, extra, _ in calls), "nothing gathered"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_band_path_in_low_precision(monkeypatch, dtype):
+    """float32 and bfloat16 inputs: the merged answer within the dtype's tolerance."""
+    calls = _band_calls(monkeypatch)
+    n, heads = 64, 2
+    mech = attnlab.get("blocksparse", local=2, global_blocks=1, random=1, block=8, form="torch")
+    q, k, v = (torch.randn(1, heads, n, 16) for _ in range(3))
+    want = reference_attention(
+        q.double(), k.double(), v.double(), mask=_dense(mech, n, n, True, heads)
+    )
+    with torch.no_grad():
+        got = mech(q.to(dtype), k.to(dtype), v.to(dtype), causal=True)
+    assert calls and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+def test_gradients_and_gqa_keep_the_gathered_path(monkeypatch):
+    """With gradients, and with fewer key heads, the band path steps aside: the same
+    answer, and backward works."""
+    calls = _band_calls(monkeypatch)
+    n, heads = 48, 4
+    mech = attnlab.get("blocksparse", local=2, global_blocks=1, random=1, block=8, form="torch")
+    q = torch.randn(1, heads, n, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, heads, n, 8, dtype=torch.float64) for _ in range(2))
+    want = reference_attention(q, k, v, mask=_dense(mech, n, n, True, heads))
+    got = mech(q, k, v, causal=True)
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    assert not calls
+    kg, vg = k[:, ::2].contiguous(), v[:, ::2].contiguous()
+    with torch.no_grad():
+        got = mech(q, kg, vg, causal=True)
+        assert not calls
+        rep = mech(q, kg.repeat_interleave(2, 1), vg.repeat_interleave(2, 1), causal=True)
+    torch.testing.assert_close(got, rep)
+
+
+def test_runs_are_not_shortened_by_one_wide_row(monkeypatch):
+    """A global query block that attends every key block has its own run; the other
+    query blocks are chunked by what they visit, not by the widest row."""
+    mech = attnlab.get("blocksparse", local=2, global_blocks=1, random=1, block=4)
+    layout = mech.layout(256, 256, False, 2)
+    # a chunk holds the scores of one query block over every key block
+    monkeypatch.setattr(blocks, "_CHUNK_ELEMENTS", 2 * 4 * 4 * layout.k_blocks)
+    runs = layout.runs(2)
+    assert runs[0][:3] == (0, 1, layout.k_blocks)
+    assert len(runs) < layout.q_blocks // 4
+    assert runs[-1][1] == layout.q_blocks
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(runs))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_strided_and_neighborhood_through_the_band_path(monkeypatch, causal):
+    """Other static patterns whose runs split into a band and further blocks agree too."""
+    calls = _band_calls(monkeypatch)
+    n, heads = 80, 4
+    for name, config in (
+        ("strided", {"local": 2, "stride": 3, "block": 8}),
+        ("neighborhood", {"kernel": 41, "block": 8}),
+    ):
+        mech = attnlab.get(name, **config, form="torch")
+        q, k, v = (torch.randn(1, heads, n, 8, dtype=torch.float64) for _ in range(3))
+        want = reference_attention(q, k, v, mask=_dense(mech, n, n, causal, heads))
+        with torch.no_grad():
+            torch.testing.assert_close(mech(q, k, v, causal=causal), want)
+        if name == "strided" and causal:
+            assert any(extra.shape[-1] > 0 for _, _, extra, _ in calls)
