@@ -143,34 +143,20 @@ def tiled_moba(q, k, v, sel, *, block: int, scale: float, causal: bool) -> torch
     # the sort key, per head [slots, N]: the chosen block, in a narrow dtype (sorts faster)
     key_dtype = torch.int16 if nb < 2**15 else torch.long
     other = sel[..., 1:].reshape(bh, n, slots).transpose(1, 2).to(key_dtype).contiguous()
-    out = q.new_empty(bh, nb, block, d)
+    out = q.new_empty(bh, n, d)
     sub = _OWN_TILE if causal and block > _OWN_TILE and block % _OWN_TILE == 0 else block
     biases = [
         _causal_bias(sub, s0 + sub, q.dtype, q.device) if causal and s0 else None
         for s0 in range(0, block, sub)
     ]
-    # per head, reused: queries in call order (then their results), and the
-    # results back in (slot, query) order
+    # per head, reused: the own blocks' log-sum-exps; the queries in call order
+    # (then their results) and their log-sum-exps
+    own_lse = q.new_empty(nb, block)
     sorted_q = q.new_empty(slots * n, d)
     sorted_l = q.new_empty(slots * n)
-    res_o = q.new_empty(slots, nb, block, d)
-    res_l = q.new_empty(slots, nb, block)
     for t in range(bh):
         kv = (t // h) * hkv + (t % h) // groups
-        if slots:
-            _other_blocks(
-                flash,
-                qh[t],
-                kb[kv],
-                vb[kv],
-                other[t],
-                scale,
-                sorted_q,
-                sorted_l,
-                res_o.view(slots * n, d),
-                res_l.view(slots * n),
-            )
-        qt = qh[t].view(1, nb, block, d)
+        qt, ot = qh[t].view(1, nb, block, d), out[t].view(nb, block, d)
         for i, s0 in enumerate(range(0, block, sub)):
             rs, keys = slice(s0, s0 + sub), slice(0, s0 + sub if causal else block)
             o1, l1 = flash(
@@ -182,51 +168,61 @@ def tiled_moba(q, k, v, sel, *, block: int, scale: float, causal: bool) -> torch
                 attn_mask=biases[i],
                 scale=scale,
             )
-            target = out[t, :, rs]
-            if slots == 0:
-                target.copy_(o1[0])
-                continue
-            lo, l1 = res_l[:, :, rs], l1[0]
-            top = torch.maximum(l1, lo.amax(dim=0))
-            w1, wo = (l1 - top).exp_(), (lo - top).exp_()
-            total = w1 + wo.sum(dim=0)
-            target.copy_(o1[0]).mul_(w1.div_(total)[..., None])
-            wo = wo.div_(total)[..., None]
-            for s in range(slots):
-                target.addcmul_(res_o[s, :, rs], wo[s])
+            ot[:, rs] = o1[0]
+            own_lse[:, rs] = l1[0]
+        if slots:
+            _other_blocks(
+                flash,
+                qh[t],
+                kb[kv],
+                vb[kv],
+                other[t],
+                scale,
+                out[t],
+                own_lse.view(n),
+                sorted_q,
+                sorted_l,
+            )
     return out.view(b, h, n, d)
 
 
-def _other_blocks(flash, q, kb, vb, chosen, scale, sorted_q, sorted_l, out, lse):
-    """One head's attention over the blocks other than its own, by key block.
+def _other_blocks(flash, q, kb, vb, chosen, scale, out, own_lse, sorted_q, sorted_l):
+    """One head's attention over the blocks other than its own, by key block,
+    merged into the own block's result.
 
     ``q`` [N, D], ``kb``/``vb`` [nb, block, D], ``chosen`` [slots, N] (-1:
-    none). The (slot, query) pairs are sorted by chosen block, the queries
-    gathered once in that order into ``sorted_q``; every query that chose key
-    block j, in any slot, is then one contiguous run attending block j in one
-    call, its result written over its queries. Finally the results are
-    gathered back into (slot, query) order: ``out`` [slots * N, D] and
-    ``lse`` [slots * N] (zeros and -inf where a slot is empty).
+    none), ``out`` [N, D] and ``own_lse`` [N]: the own block's output and
+    log-sum-exp. The chosen (slot, query) pairs are sorted by key block and
+    their queries gathered once in that order into ``sorted_q``; every
+    query that chose key block j, in any slot, is then one contiguous run
+    attending block j in one call, its result written over its queries.
+    Finally each query's results are merged by log-sum-exp: the own block's
+    output scaled in place, the others' weighted and added row by row.
     """
     n = q.shape[0]
     nb = kb.shape[0]
     flat = chosen.reshape(-1)  # slot-major: pair p is query p % N
     order = flat.argsort()  # empty slots (-1) first
     counts = torch.bincount(flat.long() + 1, minlength=nb + 1).tolist()
-    torch.index_select(q, 0, order % n, out=sorted_q)
-    empty = counts[0]
-    sorted_q[:empty] = 0.0  # merged with weight 0, but must be finite
-    sorted_l[:empty] = NEG_INF
-    start = empty
+    rows = order[counts[0] :] % n  # the query of each chosen pair, in call order
+    pairs = rows.numel()
+    if pairs == 0:
+        return
+    sq, sl = sorted_q[:pairs], sorted_l[:pairs]
+    torch.index_select(q, 0, rows, out=sq)
+    start = 0
     for j, count in enumerate(counts[1:]):
-        if count == 0:
-            continue
-        _attend_run(flash, sorted_q, sorted_l, start, count, kb[j], vb[j], scale)
-        start += count
-    where = torch.empty_like(order)
-    where[order] = torch.arange(order.numel(), device=q.device)
-    torch.index_select(sorted_q, 0, where, out=out)
-    torch.index_select(sorted_l, 0, where, out=lse)
+        if count:
+            _attend_run(flash, sq, sl, start, count, kb[j], vb[j], scale)
+            start += count
+    # weights against each query's largest log-sum-exp (the own block's is finite)
+    top = own_lse.scatter_reduce(0, rows, sl, reduce="amax")
+    w_own = (own_lse - top).exp_()
+    w = sl.sub_(top.index_select(0, rows)).exp_()
+    total = w_own.index_add(0, rows, w)
+    out.mul_(w_own.div_(total)[:, None])
+    sq.mul_(w.div_(total.index_select(0, rows))[:, None])
+    out.index_add_(0, rows, sq)
 
 
 def _attend_run(flash, sorted_q, sorted_l, start, count, kb, vb, scale):
@@ -246,7 +242,8 @@ def _attend_run(flash, sorted_q, sorted_l, start, count, kb, vb, scale):
         sorted_l[span] = lse.view(count)
         return
     half, second = -(-count // 2), start + count // 2
-    q2 = sorted_q.as_strided((2, 1, half, d), ((second - start) * d, d, d, 1), start * d)
+    offset = sorted_q.storage_offset() + start * d
+    q2 = sorted_q.as_strided((2, 1, half, d), ((second - start) * d, d, d, 1), offset)
     k2, v2 = (x.expand(2, 1, *x.shape) for x in (kb, vb))
     o, lse = flash(q2, k2, v2, scale=scale)  # o [2, 1, half, D], lse [2, 1, half]
     sorted_q[start : start + half] = o[0, 0]
