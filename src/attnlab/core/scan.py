@@ -40,18 +40,14 @@ import torch.nn.functional as F
 # Chunk size by sequence length N: the measured best on the CPU of the development
 # machine (2 cores, torch 2.13, float32, causal, B1 H8 Dv64, 2026-11-22; the machine is
 # noisy, differences under ~10% are not significant). `attnlab bench chunks --n N
-# --features 16,64,153 --chunks 32,64,128,256` (the scan alone, median ms):
-#   N=1024:  F=16  C32 6.1, C64 4.6, C128 5.1, C256 6.8
-#            F=64  C32 8.4, C64 5.7, C128 6.7, C256 7.7
-#            F=153 C32 13.1, C64 10.0, C128 10.4, C256 12.3
-#   N=2048:  F=64  C64 9.6, C128 11.1;  F=153 C64 17.6, C128 18.2
-#   N=4096:  F=64  C64 24.3, C128 23.8; F=153 C64 40.0, C128 39.5
-#   N=16384: F=16  C32 79.5, C64 56.1, C128 53.4, C256 91.2
-#            F=64  C32 116.1, C64 110.7, C128 80.6, C256 112.3
-#            F=153 C32 192.8, C64 150.4, C128 147.2, C256 175.9
-# lightning (F=64 with its decay, whole mechanism, ms): N=1024 C64 9.7, C128 12.6;
-# N=4096 C64 36.8, C128 36.4; N=16384 C64 249, C128 162. The same choice for every F.
-CHUNK_TABLE: tuple[tuple[int, int], ...] = ((2048, 64), (10**12, 128))
+# --features 16,64 --chunks 32,64,128 --repeats 5` (the scan alone, median ms; blocks of
+# up to 32 chunks, the normaliser apart from the values):
+#   N=1024:  F=16  C32 3.8, C64 3.6, C128 3.5;    F=64 C32 6.9, C64 4.0, C128 4.6
+#   N=4096:  F=16  C32 10.3, C64 9.4, C128 12.4;  F=64 C32 24.0, C64 21.4, C128 24.3
+#   N=16384: F=16  C32 55.3, C64 46.9, C128 58.6; F=64 C32 83.1, C64 79.9, C128 89.2
+# C=64 at every N (the earlier layout, a ones column beside the values and 16-chunk
+# blocks, preferred 128 above 2048 tokens).
+CHUNK_TABLE: tuple[tuple[int, int], ...] = ((10**12, 64),)
 
 # Elements allowed in one block's largest intermediate (features, scores, values):
 # small enough to stay in cache and be reused by malloc, large enough that the batched
@@ -59,7 +55,7 @@ CHUNK_TABLE: tuple[tuple[int, int], ...] = ((2048, 64), (10**12, 128))
 _BLOCK_ELEMENTS = 1 << 20
 # Chunks per block at most: the prefix over a block's chunk states is an [nb + 1, nb]
 # matrix product, O(nb²·F·Dv), so nb stays small.
-_BLOCK_CHUNKS = 16
+_BLOCK_CHUNKS = 32
 # On a GPU the per-block Python loop, not the cache, is the cost: blocks as large as memory
 # comfortably allows (all heads and the whole sequence at once up to ~256 chunks).
 _BLOCK_ELEMENTS_GPU = 1 << 27

@@ -23,21 +23,36 @@ def taylor_features(x: torch.Tensor) -> torch.Tensor:
     The paper's map is [1, x, vec(x xᵀ)/√2] with d'² quadratic features; as (q·k)² =
     sum_i q_i²k_i² + 2 sum_(i<j) q_i q_j k_i k_j, its d'(d'-1)/2 symmetric pairs fold into one
     feature each: the same kernel with 1 + d' + d'(d'+1)/2 features (153 for d' = 16, not 273).
+    Returns [..., F] (a transposed view of :func:`taylor_feature_rows`).
     """
-    d = x.shape[-1]
-    if x.requires_grad:
-        pairs = [x[..., i : i + 1] * x[..., i + 1 :] for i in range(d - 1)]
-        square = x * x * math.sqrt(0.5)
-        return torch.cat([torch.ones_like(x[..., :1]), x, square, *pairs], dim=-1)
-    out = x.new_empty(*x.shape[:-1], 1 + d + d * (d + 1) // 2)  # filled in place
-    out[..., 0] = 1.0
-    out[..., 1 : d + 1] = x
-    torch.mul(x, x, out=out[..., d + 1 : 2 * d + 1]).mul_(math.sqrt(0.5))
-    col = 2 * d + 1
+    return taylor_feature_rows(x.transpose(-1, -2)).transpose(-1, -2)
+
+
+def taylor_feature_rows(xt: torch.Tensor) -> torch.Tensor:
+    """:func:`taylor_features` with the feature axis second to last: xt [..., d', T] ->
+    [..., F, T]. Each feature is then a contiguous row of T products (a few long vector
+    operations, not many narrow ones), and phi(k)ᵀ v is a plain matrix product."""
+    d = xt.shape[-2]
+    if xt.requires_grad:
+        pairs = [xt[..., i : i + 1, :] * xt[..., i + 1 :, :] for i in range(d - 1)]
+        square = xt * xt * math.sqrt(0.5)
+        return torch.cat([torch.ones_like(xt[..., :1, :]), xt, square, *pairs], dim=-2)
+    out = xt.new_empty(*xt.shape[:-2], 1 + d + d * (d + 1) // 2, xt.shape[-1])  # in place
+    out[..., 0, :] = 1.0
+    out[..., 1 : d + 1, :] = xt
+    torch.mul(xt, xt, out=out[..., d + 1 : 2 * d + 1, :]).mul_(math.sqrt(0.5))
+    row = 2 * d + 1
     for i in range(d - 1):
-        torch.mul(x[..., i : i + 1], x[..., i + 1 :], out=out[..., col : col + d - 1 - i])
-        col += d - 1 - i
+        torch.mul(
+            xt[..., i : i + 1, :], xt[..., i + 1 :, :], out=out[..., row : row + d - 1 - i, :]
+        )
+        row += d - 1 - i
     return out
+
+
+def _padded(x: torch.Tensor, front: int, back: int) -> torch.Tensor:
+    """x [..., T, D] with ``front`` and ``back`` zero rows (x itself when there are none)."""
+    return F.pad(x, (0, 0, front, back)) if front or back else x
 
 
 def _windows(x: torch.Tensor, nb: int, c: int, span: int) -> torch.Tensor:
@@ -220,10 +235,10 @@ class Based(SeededDraws, Mechanism):
                 pad = nb * c - (t1 - t0)
                 k0 = max(0, t0 - lags * c)
                 front = lags * c - (t0 - k0)  # keys before position 0: whole chunks of zeros
-                qb = F.pad(q[r0:r1, :, t0:t1], (0, 0, 0, pad))
+                qb = _padded(q[r0:r1, :, t0:t1], 0, pad)
                 qb = qb.view(x, g, nb, c, d).transpose(1, 2).reshape(x, nb, g * c, d)
-                kb = F.pad(k[r0:r1, k0:t1], (0, 0, front, pad))  # [X, (nb + L)·C, D]
-                vb = F.pad(v[r0:r1, k0:t1], (0, 0, front, pad))
+                kb = _padded(k[r0:r1, k0:t1], front, pad)  # [X, (nb + L)·C, D]
+                vb = _padded(v[r0:r1, k0:t1], front, pad)
                 # the window: one softmax per chunk over its L + 1 chunks of keys (views)
                 bias = exact_bias if g == 1 else exact_bias.repeat(g, 1)  # [G·C, span]
                 if front:  # the first chunks' keys before position 0 are no keys
@@ -233,38 +248,45 @@ class Based(SeededDraws, Mechanism):
                 near, lse = _window_softmax(
                     qb, _windows(kb, nb, c, span), _windows(vb, nb, c, span), bias, scale, grad
                 )
-                # the Taylor weights: local ones beyond the window, then the state
-                kb, vb = kb.view(x, nb + lags, c, d), vb.view(x, nb + lags, c, dv)
-                q_small, k_small = qb @ proj, kb @ proj  # the d'-dim Taylor arguments
-                fk = taylor_features(k_small[:, :nb])  # the keys that enter the state here
-                if front or pad:  # keys outside the sequence stay out of the state
-                    pos = torch.arange(nb * c, device=q.device) + (k0 - front)
-                    fk = fk * ((pos >= 0) & (pos < n)).view(1, nb, c, 1).to(acc)
+                # the Taylor weights: the state of the keys before chunk c - L, then the
+                # local keys beyond the window (features as rows: [.., F, C])
+                vb = vb.view(x, nb + lags, c, dv)
+                q_small = (qb @ proj).view(x * nb, g * c, -1)  # the d'-dim Taylor arguments
+                k_small = (kb @ proj).view(x, nb + lags, c, -1).transpose(-1, -2).contiguous()
+                fk = taylor_feature_rows(k_small[:, :nb])  # the keys that enter the state here
+                if front:  # chunks before position 0 stay out of the state (keys past the
+                    fk[:, : front // c] = 0.0  # end only reach the final, unused state)
                 if nb not in prefix:
                     prefix[nb] = torch.ones(nb + 1, nb, dtype=acc, device=q.device).tril_(-1)
-                kv = torch.matmul(fk.transpose(-1, -2), vb[:, :nb])  # [X, nb, F, Dv]
-                states = torch.matmul(prefix[nb], kv.view(x, nb, -1)) + state
-                norms = torch.matmul(prefix[nb], fk.sum(2)) + norm
+                kv = torch.matmul(fk, vb[:, :nb])  # [X, nb, F, Dv]
+                states = torch.matmul(prefix[nb], kv.view(x, nb, -1)).add_(state)
+                norms = torch.matmul(prefix[nb], fk.sum(-1)).add_(norm)
                 state, norm = states[:, nb:], norms[:, nb:]
-                fq = taylor_features(q_small)
-                num = torch.matmul(fq, states[:, :nb].reshape(x, nb, fdim, dv))
-                den = torch.matmul(fq, norms[:, :nb, :, None])
+                fq = taylor_feature_rows(q_small.transpose(-1, -2).contiguous())
+                fq = fq.transpose(-1, -2)  # [X*nb, G·C, F]
+                num = torch.bmm(fq, states[:, :nb].reshape(x * nb, fdim, dv))
+                den = torch.bmm(fq, norms[:, :nb].reshape(x * nb, fdim, 1))
                 skip = front // c  # padding chunks: lag l reaches them from chunks < skip - L + l
                 for lag, far_mask in enumerate(far_masks):
                     if far_mask is None:
                         continue
                     keys = slice(lags - lag, lags - lag + nb)
-                    st = torch.matmul(q_small, k_small[:, keys].transpose(-1, -2))
-                    st = st.view(x, nb, g, c, c)
-                    weight = (torch.addcmul(st, st, st, value=0.5) + 1.0) * far_mask
+                    st = torch.bmm(q_small, k_small[:, keys].reshape(x * nb, -1, c))
+                    weight = torch.addcmul(st, st, st, value=0.5).add_(1.0)
+                    weight = weight.view(x, nb, g, c, c).mul_(far_mask)
                     if skip - lags + lag > 0:
                         weight[:, : skip - lags + lag] = 0.0
-                    weight = weight.view(x, nb, g * c, c)
-                    num = num + torch.matmul(weight, vb[:, keys])
+                    weight = weight.view(x * nb, g * c, c)
+                    num = num.baddbmm(weight, vb[:, keys].reshape(x * nb, c, dv))
                     den = den + weight.sum(-1, keepdim=True)
+                lse = lse.reshape(x * nb, g * c, 1)
                 top = lse.clamp_min(0.0)
-                a, b_far = torch.exp(lse - top), torch.exp(-top)
-                res = (a * near + b_far * num) / (a + b_far * den)
+                near_w = torch.exp(lse - top)
+                far_w = torch.exp(-top)
+                total = near_w + far_w * den
+                res = torch.addcmul(
+                    near.reshape(x * nb, g * c, dv) * (near_w / total), num, far_w / total
+                )
                 res = res.view(x, nb, g, c, dv).transpose(1, 2).reshape(x, g, nb * c, dv)
                 out[r0:r1, :, t0:t1] = res[:, :, : t1 - t0]
         return out.view(b, hq, n, dv)
