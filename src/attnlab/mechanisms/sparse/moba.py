@@ -92,13 +92,11 @@ def moba_select(q, k, *, block: int, top_k: int, causal: bool) -> torch.Tensor:
 
 
 def tiled_applies(q, k, v, *, block: int, mask) -> bool:
-    """Whether :func:`tiled_moba` takes these inputs: inference on CPU in float32 or
-    float64, no mask, Dv = D, as many queries as keys, whole blocks."""
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    """Whether :func:`tiled_moba` takes these inputs: CPU in float32 or float64, no
+    mask, Dv = D, as many queries as keys, whole blocks (with or without gradients)."""
     n = q.shape[2]
     return (
-        not grad
-        and mask is None
+        mask is None
         and q.device.type == "cpu"
         and q.dtype in TILED_DTYPES
         and v.shape[-1] == q.shape[-1]
@@ -115,47 +113,68 @@ def _causal_bias(rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tens
     return bias.masked_fill_(c > r + cols - rows, NEG_INF)[None, None]
 
 
-def tiled_moba(q, k, v, sel, *, block: int, scale: float, causal: bool) -> torch.Tensor:
-    """MoBA attention in torch's fused CPU flash kernel, head by head (inference).
-
-    Inputs as :func:`tiled_applies` accepts; ``sel`` from :func:`moba_select`
-    (slot 0 the own block). One head at a time, so that every temporary is a
-    few MiB (reused by malloc, never page-faulted afresh):
-
-    - the other blocks (:func:`_other_blocks`): the head's (slot, query)
-      choices sorted by key block, the queries gathered once in that order,
-      and every query that chose key block j, in any slot, in one call
-      against block j, read in place (no key gather); the results gathered
-      back to (slot, query) order;
-    - the own block: all blocks of the head in one call per sub-block;
-      under the causal rule cut into sub-blocks of ``_OWN_TILE`` queries,
-      each attending only the prefix of its block up to itself (the kernel
-      would otherwise compute the whole square), merged with the slots'
-      results by log-sum-exp straight into the output.
-    """
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    b, h, n, d = q.shape
+def _tiles(q, k, sel, block: int, causal: bool):
+    """What the tiled forward and backward share: the head layout, the other blocks'
+    sort keys per head [B*H, slots, N] (the chosen block, in a narrow dtype: sorts
+    faster) and the own block's sub-blocks (their size and causal biases)."""
+    b, h, n = q.shape[:3]
     hkv = k.shape[1]
-    bh, nb, groups = b * h, n // block, h // hkv
-    qh = q.reshape(bh, n, d)
-    kb, vb = (x.reshape(b * hkv, nb, block, d) for x in (k, v))
+    nb = n // block
     slots = sel.shape[-1] - 1
-    # the sort key, per head [slots, N]: the chosen block, in a narrow dtype (sorts faster)
     key_dtype = torch.int16 if nb < 2**15 else torch.long
-    other = sel[..., 1:].reshape(bh, n, slots).transpose(1, 2).to(key_dtype).contiguous()
-    out = q.new_empty(bh, n, d)
+    other = sel[..., 1:].reshape(b * h, n, slots).transpose(1, 2).to(key_dtype).contiguous()
     sub = _OWN_TILE if causal and block > _OWN_TILE and block % _OWN_TILE == 0 else block
     biases = [
         _causal_bias(sub, s0 + sub, q.dtype, q.device) if causal and s0 else None
         for s0 in range(0, block, sub)
     ]
+    return b * h, nb, h, hkv, other, sub, biases
+
+
+def _pairs(chosen: torch.Tensor, n: int, nb: int):
+    """One head's chosen (slot, query) pairs [slots, N] sorted by key block: the
+    query of each pair [P] and the number of pairs per key block (a list)."""
+    flat = chosen.reshape(-1)  # slot-major: pair p is query p % N
+    order = flat.argsort()  # empty slots (-1) first
+    counts = torch.bincount(flat.long() + 1, minlength=nb + 1).tolist()
+    return order[counts[0] :] % n, counts[1:]
+
+
+def tiled_moba(q, k, v, sel, *, block: int, scale: float, causal: bool, lse=None):
+    """MoBA attention in torch's fused CPU flash kernel, head by head.
+
+    Inputs as :func:`tiled_applies` accepts; ``sel`` from :func:`moba_select`
+    (slot 0 the own block). One head at a time, so that every temporary is a
+    few MiB (reused by malloc, never page-faulted afresh):
+
+    - the own block: all blocks of the head in one call per sub-block;
+      under the causal rule cut into sub-blocks of ``_OWN_TILE`` queries,
+      each attending only the prefix of its block up to itself (the kernel
+      computes whole tiles of up to 512 keys, masked or not), written
+      straight into the output;
+    - the other blocks (:func:`_other_blocks`): the head's (slot, query)
+      choices sorted by key block, the queries gathered once in that order,
+      and every query that chose key block j, in any slot, in one call
+      against block j, read in place (no key gather); merged into the
+      output by log-sum-exp.
+
+    ``lse`` [B*H, N], if given, receives each query's log-sum-exp over all
+    its keys (what the backward needs).
+    """
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    b, _, n, d = q.shape
+    bh, nb, h, hkv, other, sub, biases = _tiles(q, k, sel, block, causal)
+    slots = other.shape[1]
+    qh = q.reshape(bh, n, d)
+    kb, vb = (x.reshape(b * hkv, nb, block, d) for x in (k, v))
+    out = q.new_empty(bh, n, d)
     # per head, reused: the own blocks' log-sum-exps; the queries in call order
     # (then their results) and their log-sum-exps
     own_lse = q.new_empty(nb, block)
     sorted_q = q.new_empty(slots * n, d)
     sorted_l = q.new_empty(slots * n)
     for t in range(bh):
-        kv = (t // h) * hkv + (t % h) // groups
+        kv = (t // h) * hkv + (t % h) // (h // hkv)
         qt, ot = qh[t].view(1, nb, block, d), out[t].view(nb, block, d)
         for i, s0 in enumerate(range(0, block, sub)):
             rs, keys = slice(s0, s0 + sub), slice(0, s0 + sub if causal else block)
@@ -183,6 +202,8 @@ def tiled_moba(q, k, v, sel, *, block: int, scale: float, causal: bool) -> torch
                 sorted_q,
                 sorted_l,
             )
+        if lse is not None:
+            lse[t] = own_lse.view(n)
     return out.view(b, h, n, d)
 
 
@@ -197,21 +218,19 @@ def _other_blocks(flash, q, kb, vb, chosen, scale, out, own_lse, sorted_q, sorte
     query that chose key block j, in any slot, is then one contiguous run
     attending block j in one call, its result written over its queries.
     Finally each query's results are merged by log-sum-exp: the own block's
-    output scaled in place, the others' weighted and added row by row.
+    output scaled in place, the others' weighted and added row by row;
+    ``own_lse`` becomes the log-sum-exp over all the query's keys.
     """
     n = q.shape[0]
     nb = kb.shape[0]
-    flat = chosen.reshape(-1)  # slot-major: pair p is query p % N
-    order = flat.argsort()  # empty slots (-1) first
-    counts = torch.bincount(flat.long() + 1, minlength=nb + 1).tolist()
-    rows = order[counts[0] :] % n  # the query of each chosen pair, in call order
+    rows, counts = _pairs(chosen, n, nb)
     pairs = rows.numel()
     if pairs == 0:
         return
     sq, sl = sorted_q[:pairs], sorted_l[:pairs]
     torch.index_select(q, 0, rows, out=sq)
     start = 0
-    for j, count in enumerate(counts[1:]):
+    for j, count in enumerate(counts):
         if count:
             _attend_run(flash, sq, sl, start, count, kb[j], vb[j], scale)
             start += count
@@ -220,6 +239,7 @@ def _other_blocks(flash, q, kb, vb, chosen, scale, out, own_lse, sorted_q, sorte
     w_own = (own_lse - top).exp_()
     w = sl.sub_(top.index_select(0, rows)).exp_()
     total = w_own.index_add(0, rows, w)
+    own_lse.copy_(top).add_(total.log())
     out.mul_(w_own.div_(total)[:, None])
     sq.mul_(w.div_(total.index_select(0, rows))[:, None])
     out.index_add_(0, rows, sq)
@@ -250,6 +270,96 @@ def _attend_run(flash, sorted_q, sorted_l, start, count, kb, vb, scale):
     sorted_q[second : start + count] = o[1, 0]
     sorted_l[start : start + half] = lse[0, 0]
     sorted_l[second : start + count] = lse[1, 0]
+
+
+def tiled_moba_backward(
+    q, k, v, sel, out, lse, grad_out, *, block: int, scale: float, causal: bool
+):
+    """Gradients (dq, dk, dv) of :func:`tiled_moba`, by the same tiles.
+
+    Every tile calls the fused kernel's backward with the merged output and
+    log-sum-exp ``lse`` [B*H, N] of its queries: the probabilities it
+    recomputes, exp(s - lse), are then those of the query's whole softmax
+    over its chosen keys, so the tiles' gradients add up to the exact one.
+    """
+    bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    b, _, n, d = q.shape
+    bh, nb, h, hkv, other, sub, biases = _tiles(q, k, sel, block, causal)
+    qh, oh, gh = (x.reshape(bh, n, d) for x in (q, out, grad_out.contiguous()))
+    kb, vb = (x.reshape(b * hkv, nb, block, d) for x in (k, v))
+    dq = torch.zeros_like(qh)
+    dk, dv = torch.zeros_like(kb), torch.zeros_like(vb)
+    for t in range(bh):
+        kv = (t // h) * hkv + (t % h) // (h // hkv)
+        qt, ot, gt = (x[t].view(1, nb, block, d) for x in (qh, oh, gh))
+        lt, dqt = lse[t].view(1, nb, block), dq[t].view(nb, block, d)
+        for i, s0 in enumerate(range(0, block, sub)):
+            rs, keys = slice(s0, s0 + sub), slice(0, s0 + sub if causal else block)
+            g_q, g_k, g_v = bwd(
+                gt[:, :, rs],
+                qt[:, :, rs],
+                kb[kv, None, :, keys],
+                vb[kv, None, :, keys],
+                ot[:, :, rs],
+                lt[:, :, rs].contiguous(),
+                0.0,
+                causal and s0 == 0,
+                attn_mask=biases[i],
+                scale=scale,
+            )
+            dqt[:, rs] += g_q[0]
+            dk[kv, :, keys] += g_k[0]
+            dv[kv, :, keys] += g_v[0]
+        if other.shape[1] == 0:
+            continue
+        rows, counts = _pairs(other[t], n, nb)
+        if rows.numel() == 0:
+            continue
+        sq, so, sg = (x[t].index_select(0, rows) for x in (qh, oh, gh))
+        sl = lse[t].index_select(0, rows)
+        start = 0
+        for j, count in enumerate(counts):
+            if count == 0:
+                continue
+            span = slice(start, start + count)
+            start += count
+            g_q, g_k, g_v = bwd(
+                sg[None, None, span],
+                sq[None, None, span],
+                kb[kv, j, None, None],
+                vb[kv, j, None, None],
+                so[None, None, span],
+                sl[None, None, span],
+                0.0,
+                False,
+                scale=scale,
+            )
+            sq[span] = g_q[0, 0]  # the queries' slots now hold their gradients
+            dk[kv, j] += g_k[0, 0]
+            dv[kv, j] += g_v[0, 0]
+        dq[t].index_add_(0, rows, sq)
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+
+
+class _TiledMoBA(torch.autograd.Function):
+    """:func:`tiled_moba` forward, :func:`tiled_moba_backward` backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sel, block, scale, causal):
+        lse = q.new_empty(q.shape[0] * q.shape[1], q.shape[2])
+        out = tiled_moba(q, k, v, sel, block=block, scale=scale, causal=causal, lse=lse)
+        ctx.save_for_backward(q, k, v, sel, out, lse)
+        ctx.args = (block, scale, causal)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, sel, out, lse = ctx.saved_tensors
+        block, scale, causal = ctx.args
+        grads = tiled_moba_backward(
+            q, k, v, sel, out, lse, grad_out, block=block, scale=scale, causal=causal
+        )
+        return (*grads, None, None, None, None)
 
 
 def selection_layout(sel: torch.Tensor, nq: int, nk: int, block: int, causal: bool) -> BlockLayout:
@@ -291,18 +401,19 @@ class MoBA(KVCacheDecode, Mechanism):
     causal; the gate itself is not differentiated (gradients flow through the
     attention over the chosen blocks).
 
-    Paths (``form``): the (query, block) choices are sorted by key block into
-    tiles of ``block`` queries sharing one block, all tiles run as one batch
-    and each query's partial softmaxes are merged by log-sum-exp. ``"auto"``
-    runs the tiles in torch's fused CPU flash kernel, forward and backward
-    (its backward, given the merged log-sum-exp, yields the exact gradient),
-    so it is both the fast and a trainable path; on other devices, dtypes or
-    Dv != D it falls back to ``"torch"``: the same tiles in plain PyTorch ops
-    (trainable by autograd). Without gradients, on CPU in float32/float64,
-    with no mask and whole blocks of as many queries as keys, ``"auto"``
-    takes :func:`tiled_moba` instead (own blocks batched, the other blocks'
-    queries gathered per key block and merged by log-sum-exp; no key
-    gather). ``"flex"`` runs FlexAttention over the union of
+    Paths (``form``): on CPU in float32/float64, with no mask and whole
+    blocks of as many queries as keys, ``"auto"`` takes :func:`tiled_moba`,
+    head by head: each query's own block in one fused flash-kernel call per
+    sub-block, then, for every key block, all queries that chose it in one
+    call reading the block in place, merged by log-sum-exp; with gradients
+    the same tiles run the kernel's backward (:func:`tiled_moba_backward`,
+    exact given the merged log-sum-exp), so it is both the fast and the
+    trainable path. Otherwise ``"auto"`` and ``"torch"`` sort the (query,
+    block) choices by key block into tiles of ``block`` queries sharing one
+    block, run all tiles as one batch and merge each query's partial
+    softmaxes by log-sum-exp: in the fused kernel where it applies
+    (``"auto"``), else in plain PyTorch ops (trainable by autograd).
+    ``"flex"`` runs FlexAttention over the union of
     the blocks each query block chose, with a per-token rule (inference only;
     compiled per shape, slower than ``"auto"`` on CPU).
     """
@@ -344,6 +455,9 @@ class MoBA(KVCacheDecode, Mechanism):
             layout = selection_layout(sel, q.shape[2], k.shape[2], cfg.block, causal)
             return flex_block_attention(q, k, v, layout, scale=scale, mask=mask)
         if cfg.form == "auto" and tiled_applies(q, k, v, block=cfg.block, mask=mask):
+            grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+            if grad:
+                return _TiledMoBA.apply(q, k, v, sel, cfg.block, scale, causal)
             return tiled_moba(q, k, v, sel, block=cfg.block, scale=scale, causal=causal)
         out = token_block_attention(
             q,
