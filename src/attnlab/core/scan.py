@@ -230,21 +230,36 @@ def _decay_factors(ld, nb, c, tokens):
         lc = ld.view(x, nb, c).cumsum(-1)
         total = lc[..., -1]
     tril = torch.ones(c, c, dtype=torch.bool, device=ld.device).tril()
-    intra = torch.exp((lc[..., :, None] - lc[..., None, :]).masked_fill(~tril, float("-inf")))
+    intra = _exp_normal((lc[..., :, None] - lc[..., None, :]).masked_fill(~tril, float("-inf")))
     start = F.pad(total.cumsum(-1), (1, 0))  # decay before chunk c, c = 0..nb
     gap = start[:, :, None] - start[:, None, 1:]  # entry of chunk c <- end of chunk c'
     lower = torch.ones(nb + 1, nb, dtype=torch.bool, device=ld.device).tril(-1)
-    chunk_w = torch.exp(gap.masked_fill(~lower, float("-inf")))
-    return intra, torch.exp(lc), torch.exp(lc[..., -1:] - lc), chunk_w, torch.exp(start)
+    chunk_w = _exp_normal(gap.masked_fill(~lower, float("-inf")))
+    return intra, _exp_normal(lc), _exp_normal(lc[..., -1:] - lc), chunk_w, _exp_normal(start)
 
 
-def block_plan(n: int, c: int, per_token: int, rows: int, device) -> tuple[int, int]:
+def _exp_normal(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) with results below tiny/eps (1e-31 in float32) set to 0.
+
+    Subnormal numbers slow a CPU's matrix products many times over, and a strong decay
+    over many chunks reaches them (e^-96 after 3 chunks of 64 at 0.5 a step); a weight
+    below tiny/eps times any value above eps stays normal. What is dropped is below
+    1e-31 of the token's own weight (1 on the diagonal), far under float32's resolution."""
+    e = torch.exp(x)
+    info = torch.finfo(e.dtype)
+    return e.masked_fill_(e < info.tiny / info.eps, 0.0)
+
+
+def block_plan(
+    n: int, c: int, per_token: int, rows: int, device, *, max_chunks: int | None = None
+) -> tuple[int, int]:
     """(tokens per block, rows per step) for a blocked scan of N tokens in chunks of C over
     ``rows`` independent (batch, head) rows, whose largest intermediate holds ``per_token``
     floats per token: a block stays near ``_BLOCK_ELEMENTS`` floats (on a GPU far more) and
-    at most ``_BLOCK_CHUNKS`` chunks; a sequence that fits one block goes several rows a step.
+    at most ``max_chunks`` chunks (default ``_BLOCK_CHUNKS``); a sequence that fits one block
+    goes several rows a step.
     """
-    budget, max_chunks = _BLOCK_ELEMENTS, _BLOCK_CHUNKS
+    budget, max_chunks = _BLOCK_ELEMENTS, max_chunks or _BLOCK_CHUNKS
     if torch.device(device).type != "cpu":
         budget, max_chunks = _BLOCK_ELEMENTS_GPU, _BLOCK_CHUNKS_GPU
     block = max(c, min(max_chunks * c, budget // per_token // c * c))
