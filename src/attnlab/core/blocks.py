@@ -229,22 +229,27 @@ class BlockLayout:
     def band_split(self, c0: int, c1: int, used: int, dtype: torch.dtype):
         """A run as a sliding band plus further blocks, or None (cached).
 
-        ``(first, width, extra, bias)`` when every batch entry and head of query
-        block c0 + i visits the consecutive key blocks first + i ... first + i +
-        width - 1 under one shared token mask (``bias`` [1, 1, bq, width·bk], None
-        when fully visible) in which every query sees a key, and besides them the
-        fully visible key blocks ``extra`` [Bl, Hl, c, E] (E may be 0).
+        ``(first, width, bias, extra, extra_bias)`` when every batch entry and
+        head of query block c0 + i visits the consecutive key blocks first + i
+        ... first + i + width - 1 under one shared token mask (``bias`` [1, 1, bq,
+        width·bk], None when fully visible) in which every query sees a key, and
+        besides them fully visible key blocks: ``extra`` [Bl, Hl, c, E] (E may be
+        0). Rows with fewer than E of them (heads that visit different numbers
+        of blocks) are padded with block 0, which ``extra_bias`` [Bl, Hl, c, 1,
+        E·bk] hides (-inf; None when no row is padded); every row has at least
+        one real further block when E > 0.
         """
 
         def make():
             idx = self.kv_indices[..., c0:c1, :used]
-            if not bool(self.kv_valid[..., c0:c1, :used].all()):
-                return None
+            valid = self.kv_valid[..., c0:c1, :used]
             rows = torch.arange(c0, c1, device=idx.device)[:, None]
             off = idx - rows
-            lo, hi = int(off.min()), int(off.max())
-            present = torch.zeros(*off.shape[:-1], hi - lo + 1, dtype=torch.bool, device=idx.device)
-            common = present.scatter_(-1, off - lo, True).flatten(0, 2).all(dim=0)
+            lo, hi = int(off[valid].min()), int(off[valid].max())
+            span = hi - lo + 1
+            present = torch.zeros(*off.shape[:-1], span + 1, dtype=torch.bool, device=idx.device)
+            present.scatter_(-1, torch.where(valid, off - lo, span), True)
+            common = present[..., :span].flatten(0, 2).all(dim=0)
             # the longest run of consecutive offsets that every row and head visits
             best, width, run = 0, 0, 0
             for d, ok in enumerate(common.tolist()):
@@ -254,13 +259,24 @@ class BlockLayout:
             if width == 0:
                 return None
             d0 = lo + best
-            in_band = (off >= d0) & (off < d0 + width)
-            extra = idx[~in_band].view(*idx.shape[:-1], used - width)
+            rest = valid & ~((off >= d0) & (off < d0 + width))
+            count = rest.sum(dim=-1)
+            e = int(count.max())
+            if e > 0 and int(count.min()) == 0:
+                return None
+            order = torch.where(rest, 0, 1).argsort(dim=-1, stable=True)[..., :e]
+            real = rest.gather(-1, order)
+            extra = torch.where(real, idx.gather(-1, order), 0)
             qpos, _ = self.positions(c0, c1)
             ar = torch.arange(self.block, device=idx.device)
             kpos = (extra[..., None] * self.block + ar).flatten(-2)[..., None, :]
-            if not bool(self._real(self._allowed_at(qpos, kpos), c0).all()):
+            hidden = ~real[..., None].expand(*real.shape, self.block).flatten(-2)[..., None, :]
+            if not bool(self._real(self._allowed_at(qpos, kpos) | hidden, c0).all()):
                 return None
+            extra_bias = None
+            if not bool(real.all()):
+                extra_bias = torch.zeros(hidden.shape, dtype=dtype, device=idx.device)
+                extra_bias.masked_fill_(hidden, float("-inf"))
             ar = torch.arange(width * self.block, device=idx.device)
             kpos = ((rows + d0) * self.block + ar)[None, None, :, None, :]
             allowed = self._allowed_at(qpos, kpos)
@@ -269,7 +285,7 @@ class BlockLayout:
             if not bool(same.all()) or not bool(first.any(dim=-1).all()):
                 return None
             bias = None if bool(first.all()) else _bias(first[0], dtype)[0]
-            return c0 + d0, width, extra, bias
+            return c0 + d0, width, bias, extra, extra_bias
 
         return self._cached(f"band-{c0}-{c1}-{used}-{dtype}", make)
 
@@ -504,10 +520,11 @@ def _band_and_extras(qb, kb, vb, out, r0, r1, band, rows, row_bytes, scale):
 
     The band is read in place through a sliding view; the further blocks, all
     fully visible, are gathered in pieces of about ``_GATHER_BYTES`` and
-    attended without a mask. The two partial softmaxes are merged by their
-    log-sum-exps into ``out``: o = o_x + (o_band - o_x)·sigmoid(lse_band - lse_x).
+    attended without a mask (but for the padding slots of rows with fewer of
+    them). The two partial softmaxes are merged by their log-sum-exps into
+    ``out``: o = o_x + (o_band - o_x)·sigmoid(lse_band - lse_x).
     """
-    first, width, extra, bias = band
+    first, width, bias, extra, extra_bias = band
     b, hq, _, bs, _ = qb.shape
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     keys = [_sliding_view(x, first, r1 - r0, width * bs, bs).flatten(0, 1) for x in (kb, vb)]
@@ -529,7 +546,10 @@ def _band_and_extras(qb, kb, vb, out, r0, r1, band, rows, row_bytes, scale):
             .view(b * hq, c1 - c0, used * bs, x.shape[-1])
             for x in (kb, vb)
         )
-        ox, lx = flash(qr[:, c0 - r0 : c1 - r0], kg, vg, scale=scale)
+        hide = None
+        if extra_bias is not None:
+            hide = extra_bias[:, :, c0 - r0 : c1 - r0].expand(b, hq, -1, -1, -1).flatten(0, 1)
+        ox, lx = flash(qr[:, c0 - r0 : c1 - r0], kg, vg, attn_mask=hide, scale=scale)
         w = torch.sigmoid_(lb[:, c0 - r0 : c1 - r0] - lx).unsqueeze(-1).to(ob.dtype)
         dst = out[:, :, c0:c1].flatten(0, 1)
         if dst.dtype == ob.dtype:
