@@ -319,7 +319,11 @@ def eval_ppl(
             t.add_row(r["mechanism"], "-", "-", "-", r["error"])
         else:
             t.add_row(
-                r["mechanism"], f"{r['ppl']:.3f}", f"{r['ratio']:.4f}", f"{r['seconds']:.1f}", ""
+                r["mechanism"],
+                f"{r['ppl']:.3f}",
+                f"{r['ratio']:.4f}",
+                f"{r['seconds']:.1f}",
+                r["note"] or "",
             )
     console.print(t)
     if out is not None:

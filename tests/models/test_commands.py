@@ -29,6 +29,14 @@ def test_perplexity_exact_mechanism_equals_own(smollm2):
     assert 1 < own < 100
     rows = compare(model, ids, ["chunked"])
     assert abs(rows[1]["ppl"] - own) / own < 1e-4 and rows[0]["ratio"] == 1.0
+    assert rows[1]["note"] is None  # token-causal: nothing to flag
+
+
+def test_leak_note_flags_routing_that_reads_later_tokens():
+    from attnlab.models.perplexity import leak_note
+
+    assert leak_note("window") is None
+    assert "per block" in leak_note("sparge") and "optimistic" in leak_note("mosa")
 
 
 def test_eval_ppl_command(tmp_path):

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from attnlab.core.errors import AttnInputError
+from attnlab.core.registry import mechanism_class
 
 from .swap import use
 
@@ -64,6 +65,7 @@ def compare(
             "ratio": 1.0,
             "seconds": time.perf_counter() - t,
             "error": None,
+            "note": None,
         }
     ]
     for name in mechanisms:
@@ -72,7 +74,14 @@ def compare(
             ppl = perplexity(model, ids, name, **(config or {}))
         except AttnInputError as exc:
             rows.append(
-                {"mechanism": name, "ppl": None, "ratio": None, "seconds": None, "error": str(exc)}
+                {
+                    "mechanism": name,
+                    "ppl": None,
+                    "ratio": None,
+                    "seconds": None,
+                    "error": str(exc),
+                    "note": None,
+                }
             )
             continue
         rows.append(
@@ -82,6 +91,19 @@ def compare(
                 "ratio": ppl / own,
                 "seconds": time.perf_counter() - t,
                 "error": None,
+                "note": leak_note(name),
             }
         )
     return rows
+
+
+def leak_note(mechanism: str) -> str | None:
+    """Why a mechanism's perplexity may be optimistic: its causal form lets a token's
+    routing read later tokens (``Spec.causality`` other than "token"), so a prediction can
+    see part of what it predicts. None for token-causal mechanisms."""
+    causality = mechanism_class(mechanism).spec.causality
+    if causality == "token":
+        return None
+    return (
+        f"causal per {causality}: routing reads later tokens, so this perplexity may be optimistic"
+    )
