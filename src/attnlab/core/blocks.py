@@ -125,7 +125,7 @@ class BlockLayout:
         idx = torch.where(valid, idx, 0)
         raw = cls(nq, nk, block, idx, valid, torch.zeros_like(valid), mask_mod)
         any_, all_ = [], []
-        for c0, c1 in raw._chunks(1):
+        for c0, c1 in raw._chunks(idx.shape[0] * idx.shape[1]):
             allowed = raw.token_mask(c0, c1)
             bl, hl, c, bq, _ = allowed.shape
             allowed = allowed.reshape(bl, hl, c, bq, idx.shape[-1], block)
@@ -153,7 +153,8 @@ class BlockLayout:
         )
 
     def _chunks(self, batch_heads: int) -> list[tuple[int, int]]:
-        """Query-block ranges whose gathered scores hold at most ~16M elements."""
+        """Query-block ranges whose gathered scores (or token masks, for the layout's
+        own batch x heads) hold at most ~16M elements."""
         per_block = batch_heads * self.block * self.slots * self.block
         step = max(1, _CHUNK_ELEMENTS // max(per_block, 1))
         return [(c0, min(c0 + step, self.q_blocks)) for c0 in range(0, self.q_blocks, step)]
@@ -200,7 +201,9 @@ class BlockLayout:
                     ):
                         used = int(max(count[start:c]))
                         plain = bool(self.kv_full[:, :, start:c, :used].all())
-                        seen = bool(self._real(self.seen()[:, :, start:c], start).all())
+                        # per run: the whole token mask is built only where a path needs it
+                        sees = self.token_mask(start, c).any(dim=-1, keepdim=True)
+                        seen = bool(self._real(sees, start).all())
                         out.append((start, c, used, plain, seen))
                         start = c
             return out
@@ -346,16 +349,26 @@ class BlockLayout:
 
         return self._cached("allowed", make)
 
-    def bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """Additive bias [Bl, Hl, Nq/block, bq, S*bk] (0 allowed, -inf not), cached per dtype."""
-        return self._cached(f"bias-{dtype}", lambda: _bias(self.allowed(), dtype)[0])
+    def run_bias(self, c0: int, c1: int, used: int, dtype: torch.dtype):
+        """(bias [Bl, Hl, c, bq, used·bk] (0 allowed, -inf not), seen [Bl, Hl, c, bq, 1]: the
+        queries that have a key) of query blocks c0..c1, cached per run and dtype; kept as
+        [1, 1, ...] when the same for every batch entry and head. Only the runs that need
+        a bias build one (a whole-layout bias was several times the N x N scores' size)."""
+
+        def make():
+            allowed = self.token_mask(c0, c1)[..., : used * self.block]
+            if allowed.shape[0] * allowed.shape[1] > 1 and bool((allowed == allowed[:1, :1]).all()):
+                allowed = allowed[:1, :1]
+            return _bias(allowed, dtype)
+
+        return self._cached(f"run-bias-{c0}-{c1}-{used}-{dtype}", make)
 
     def shared_bias(self, c0: int, c1: int, used: int, dtype: torch.dtype) -> torch.Tensor | None:
         """Bias [1, 1, bq, used*bk] when every batch entry, head and query block of
         c0..c1 has the same token mask and every query sees a key, else None (cached)."""
 
         def make():
-            allowed = self.allowed()[:, :, c0:c1, :, : used * self.block]
+            allowed = self.token_mask(c0, c1)[..., : used * self.block]
             first = allowed[:1, :1, :1]
             if not bool((allowed == first).all()) or not bool(first.any(dim=-1).all()):
                 return None
@@ -363,15 +376,11 @@ class BlockLayout:
 
         return self._cached(f"shared-{c0}-{c1}-{used}-{dtype}", make)
 
-    def seen(self) -> torch.Tensor:
-        """Bool [Bl, Hl, Nq/block, bq, 1]: queries that have a key to attend (cached)."""
-        return self._cached("seen", lambda: self.allowed().any(dim=-1, keepdim=True))
-
     def pairs(self) -> float:
         """Allowed (query, key) pairs, averaged over the layout's batch and heads."""
         if "pairs" not in self._cache:
-            total = sum(int(self.token_mask(a, b).sum()) for a, b in self._chunks(1))
             bl, hl = self.kv_indices.shape[:2]
+            total = sum(int(self.token_mask(a, b).sum()) for a, b in self._chunks(bl * hl))
             self._cache["pairs"] = total / (bl * hl)
         return self._cache["pairs"]
 
@@ -489,8 +498,9 @@ def torch_block_attention(
                 if shared is not None:
                     bias = shared
                 elif mask is None:
-                    bias = layout.bias(q.dtype)[:, :, c0:c1, :, keys]
-                    seen = None if all_seen else layout.seen()[:, :, c0:c1]
+                    run_bias, run_seen = layout.run_bias(r0, r1, used, q.dtype)
+                    bias = run_bias[:, :, c0 - r0 : c1 - r0]
+                    seen = None if all_seen else run_seen[:, :, c0 - r0 : c1 - r0]
                 else:
                     qpos, kpos = layout.positions(c0, c1)
                     user = _user_mask_at(mask, qpos, kpos[..., keys], nq, nk)
