@@ -35,3 +35,21 @@ def test_peak_memory_sees_a_large_temporary():
 def test_full_attention_density():
     assert speed.full_density(8, causal=False) == 1.0
     assert speed.full_density(8, causal=True) == 9 / 16
+
+
+def test_grad_mode_times_forward_and_backward(monkeypatch):
+    """With grad=True every timed call is a forward and a backward pass."""
+    backward_calls = []
+    real = torch.Tensor.backward
+
+    def counting(self, *args, **kwargs):
+        backward_calls.append(self.shape)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", counting)
+    records = speed.run_speed(
+        ["window"], [64], causal_modes=(True,), repeats=2, heads=2, head_dim=8, grad=True
+    )
+    assert {r.mechanism for r in records} == {"sdpa", "window"}
+    assert all(r.grad and r.ms > 0 for r in records)
+    assert len(backward_calls) == 2 * 3  # two calls (SDPA, window) x (warm-up + 2 repeats)

@@ -8,7 +8,9 @@ or on a CUDA device the peak of the caching allocator above what was allocated
 before the call (each timed call is synchronised).
 For sparse mechanisms that report their ``density``, the bench also prints the
 FLOP-bound speedup (the density of full attention in the same mode over the
-mechanism's density) and the fraction of it achieved.
+mechanism's density) and the fraction of it achieved. With ``grad=True`` the
+inputs require gradients and every timed call is a forward and a backward pass
+(of the output's sum), for SDPA and the mechanisms alike: the trainable path.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class SpeedRecord:
     head_dim: int
     dtype: str
     device: str
+    grad: bool
     ms: float | None
     ms_repeats: list[float]
     peak_mib: float | None
@@ -62,6 +65,24 @@ class SpeedRecord:
 def full_density(n: int, causal: bool) -> float:
     """Fraction of (query, key) pairs that full attention computes: 1, or (N+1)/2N causal."""
     return (n + 1) / (2 * n) if causal else 1.0
+
+
+def _with_backward(fn: Callable[[], torch.Tensor], inputs) -> Callable[[], torch.Tensor]:
+    """A call that runs ``fn`` and the backward pass of its output's sum into ``inputs``."""
+
+    def call() -> torch.Tensor:
+        for t in inputs:
+            t.grad = None
+        out = fn()
+        out.sum().backward()
+        return out.detach()
+
+    return call
+
+
+def _mode(grad: bool):
+    """Inference mode for forward timings; autograd on for the trainable path."""
+    return torch.enable_grad() if grad else torch.inference_mode()
 
 
 def _time_once(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
@@ -98,6 +119,7 @@ def run_speed(
     configs: dict[str, dict] | None = None,
     max_call_s: float = 60.0,
     device: str = "cpu",
+    grad: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> list[SpeedRecord]:
     """Measure each mechanism and raw SDPA side by side at each N and mode.
@@ -105,7 +127,8 @@ def run_speed(
     Returns one record per (mechanism, N, mode), the SDPA baseline included
     under the name ``"sdpa"``. A mechanism whose single call exceeds
     ``max_call_s`` is not repeated and is skipped at larger N. ``device``: where the
-    inputs and mechanisms live ("cpu", "cuda", ...).
+    inputs and mechanisms live ("cpu", "cuda", ...). ``grad``: time forward + backward
+    with inputs that require gradients (the path a mechanism takes for training).
     """
     configs = configs or {}
     dev = torch.device(device)
@@ -121,6 +144,8 @@ def run_speed(
         q = torch.randn(batch, heads, n, head_dim, dtype=torch_dtype, device=dev)
         k = torch.randn(batch, kv_heads, n, head_dim, dtype=torch_dtype, device=dev)
         v = torch.randn(batch, kv_heads, n, head_dim, dtype=torch_dtype, device=dev)
+        for t in (q, k, v):
+            t.requires_grad_(grad)
         scores_mib = batch * heads * n * n * torch_dtype.itemsize / 2**20
         for causal in causal_modes:
             calls: dict[str, Callable[[], torch.Tensor]] = {
@@ -130,6 +155,8 @@ def run_speed(
             }
             for m, mod in modules.items():
                 calls[m] = lambda mod=mod, c=causal, q=q, k=k, v=v: mod(q, k, v, causal=c)
+            if grad:
+                calls = {m: _with_backward(fn, (q, k, v)) for m, fn in calls.items()}
             active = {}
             peak: dict[str, int | None] = {}
             times: dict[str, list[float]] = {}
@@ -147,6 +174,7 @@ def run_speed(
                             head_dim,
                             dtype,
                             device,
+                            grad,
                             scores_mib,
                             f"a call took over {max_call_s:.0f} s at N={too_slow[m]}",
                         )
@@ -154,7 +182,7 @@ def run_speed(
                     continue
                 if progress:
                     progress(f"{m} N={n} {'causal' if causal else 'full'}")
-                with torch.inference_mode():
+                with _mode(grad):
                     start = time.perf_counter()
                     _, peak[m] = _peak_extra_bytes(fn, dev)  # warm-up call measures memory
                     first = time.perf_counter() - start
@@ -164,7 +192,7 @@ def run_speed(
                     times[m].append(first * 1e3)
                 else:
                     active[m] = fn
-            with torch.inference_mode():
+            with _mode(grad):
                 for _ in range(repeats):
                     for m, fn in active.items():
                         times[m].append(_time_once(fn, dev))
@@ -182,6 +210,7 @@ def run_speed(
                     head_dim=head_dim,
                     dtype=dtype,
                     device=device,
+                    grad=grad,
                     ms=ms,
                     ms_repeats=times[m],
                     peak_mib=None if peak[m] is None else peak[m] / 2**20,
@@ -198,7 +227,7 @@ def run_speed(
 
 
 def _skipped(
-    m, configs, n, causal, batch, heads, kv_heads, head_dim, dtype, device, scores_mib, why
+    m, configs, n, causal, batch, heads, kv_heads, head_dim, dtype, device, grad, scores_mib, why
 ):
     return SpeedRecord(
         mechanism=m,
@@ -211,6 +240,7 @@ def _skipped(
         head_dim=head_dim,
         dtype=dtype,
         device=device,
+        grad=grad,
         ms=None,
         ms_repeats=[],
         peak_mib=None,
