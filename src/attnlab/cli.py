@@ -166,8 +166,9 @@ def bench_speed(
     max_call_s: float = typer.Option(60.0, help="Skip larger N after a call this slow."),
     device: str = typer.Option("cpu", help="Where to run: cpu, cuda, cuda:1, ..."),
     grad: bool = typer.Option(
-        False, help="Time forward + backward with inputs that require grad (trainable path)."
+        False, help="Inputs that require grad: the path a mechanism takes for training."
     ),
+    backward: bool = typer.Option(False, help="Time forward + backward (implies --grad)."),
     out: Path | None = typer.Option(None, help="Write the records as JSON here."),
 ):
     """Time and peak memory of mechanisms against raw torch SDPA, side by side."""
@@ -208,10 +209,11 @@ def bench_speed(
             max_call_s=max_call_s,
             device=device,
             grad=grad,
+            backward=backward,
             progress=lambda what: bar.update(task, description=what),
         )
     where = "" if device == "cpu" else f", {device} ({torch.cuda.get_device_name(torch_device)})"
-    where += ", forward + backward" if grad else ""
+    where += ", forward + backward" if backward else (", inputs require grad" if grad else "")
     t = Table(
         title=f"bench speed: B{batch} H{heads} D{head_dim} {dtype}{where}, median of {repeats}"
     )

@@ -37,8 +37,25 @@ def test_full_attention_density():
     assert speed.full_density(8, causal=True) == 9 / 16
 
 
-def test_grad_mode_times_forward_and_backward(monkeypatch):
-    """With grad=True every timed call is a forward and a backward pass."""
+def test_grad_mode_records_the_graph_and_backward_adds_the_pass(monkeypatch):
+    """grad=True: inputs require grad (outputs carry a graph); backward=True: every timed
+    call is a forward and a backward pass."""
+    seen = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        out = real_sdpa(*args, **kwargs)
+        seen.append(out.requires_grad)
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    speed.run_speed(["window"], [64], causal_modes=(True,), repeats=1, heads=2, head_dim=8)
+    assert seen and not any(seen)
+    seen.clear()
+    records = speed.run_speed(
+        ["window"], [64], causal_modes=(True,), repeats=1, heads=2, head_dim=8, grad=True
+    )
+    assert seen and all(seen) and all(r.grad and not r.backward for r in records)
     backward_calls = []
     real = torch.Tensor.backward
 
@@ -48,8 +65,8 @@ def test_grad_mode_times_forward_and_backward(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "backward", counting)
     records = speed.run_speed(
-        ["window"], [64], causal_modes=(True,), repeats=2, heads=2, head_dim=8, grad=True
+        ["window"], [64], causal_modes=(True,), repeats=2, heads=2, head_dim=8, backward=True
     )
     assert {r.mechanism for r in records} == {"sdpa", "window"}
-    assert all(r.grad and r.ms > 0 for r in records)
+    assert all(r.grad and r.backward and r.ms > 0 for r in records)
     assert len(backward_calls) == 2 * 3  # two calls (SDPA, window) x (warm-up + 2 repeats)

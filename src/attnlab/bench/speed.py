@@ -9,8 +9,9 @@ before the call (each timed call is synchronised).
 For sparse mechanisms that report their ``density``, the bench also prints the
 FLOP-bound speedup (the density of full attention in the same mode over the
 mechanism's density) and the fraction of it achieved. With ``grad=True`` the
-inputs require gradients and every timed call is a forward and a backward pass
-(of the output's sum), for SDPA and the mechanisms alike: the trainable path.
+inputs require gradients, so each mechanism takes the path it takes for training
+(autograd recording), for SDPA and the mechanisms alike; ``backward=True`` adds the
+backward pass of the output's sum to every timed call.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class SpeedRecord:
     dtype: str
     device: str
     grad: bool
+    backward: bool
     ms: float | None
     ms_repeats: list[float]
     peak_mib: float | None
@@ -120,6 +122,7 @@ def run_speed(
     max_call_s: float = 60.0,
     device: str = "cpu",
     grad: bool = False,
+    backward: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> list[SpeedRecord]:
     """Measure each mechanism and raw SDPA side by side at each N and mode.
@@ -127,9 +130,11 @@ def run_speed(
     Returns one record per (mechanism, N, mode), the SDPA baseline included
     under the name ``"sdpa"``. A mechanism whose single call exceeds
     ``max_call_s`` is not repeated and is skipped at larger N. ``device``: where the
-    inputs and mechanisms live ("cpu", "cuda", ...). ``grad``: time forward + backward
-    with inputs that require gradients (the path a mechanism takes for training).
+    inputs and mechanisms live ("cpu", "cuda", ...). ``grad``: inputs that require gradients
+    (the path a mechanism takes for training); ``backward`` (implies ``grad``): each timed
+    call is forward + backward.
     """
+    grad = grad or backward
     configs = configs or {}
     dev = torch.device(device)
     kv_heads = kv_heads or heads
@@ -155,7 +160,7 @@ def run_speed(
             }
             for m, mod in modules.items():
                 calls[m] = lambda mod=mod, c=causal, q=q, k=k, v=v: mod(q, k, v, causal=c)
-            if grad:
+            if backward:
                 calls = {m: _with_backward(fn, (q, k, v)) for m, fn in calls.items()}
             active = {}
             peak: dict[str, int | None] = {}
@@ -174,7 +179,7 @@ def run_speed(
                             head_dim,
                             dtype,
                             device,
-                            grad,
+                            (grad, backward),
                             scores_mib,
                             f"a call took over {max_call_s:.0f} s at N={too_slow[m]}",
                         )
@@ -211,6 +216,7 @@ def run_speed(
                     dtype=dtype,
                     device=device,
                     grad=grad,
+                    backward=backward,
                     ms=ms,
                     ms_repeats=times[m],
                     peak_mib=None if peak[m] is None else peak[m] / 2**20,
@@ -227,7 +233,7 @@ def run_speed(
 
 
 def _skipped(
-    m, configs, n, causal, batch, heads, kv_heads, head_dim, dtype, device, grad, scores_mib, why
+    m, configs, n, causal, batch, heads, kv_heads, head_dim, dtype, device, modes, scores_mib, why
 ):
     return SpeedRecord(
         mechanism=m,
@@ -240,7 +246,8 @@ def _skipped(
         head_dim=head_dim,
         dtype=dtype,
         device=device,
-        grad=grad,
+        grad=modes[0],
+        backward=modes[1],
         ms=None,
         ms_repeats=[],
         peak_mib=None,
