@@ -43,7 +43,9 @@ def test_band_plus_gathered_blocks_equal_dense(monkeypatch, n, nk, causal):
     """Local band read in place, global and random blocks gathered, merged by their
     log-sum-exps: the dense answer, also with padded last blocks and cross shapes."""
     calls = _band_calls(monkeypatch)
-    monkeypatch.setattr(blocks, "_GATHER_BYTES", 1)  # one query block per gathered piece
+    # one query block per gathered piece, two per band call
+    monkeypatch.setattr(blocks, "_BAND_GATHER_BYTES", 1)
+    monkeypatch.setattr(blocks, "_BAND_BYTES", 2 * 2 * 3 * 8 * 8 * 8)
     heads = 3
     mech = attnlab.get("blocksparse", local=2, global_blocks=1, random=2, block=8, form="torch")
     q = torch.randn(2, heads, n, 8, dtype=torch.float64)
@@ -108,6 +110,10 @@ def test_runs_are_not_shortened_by_one_wide_row(monkeypatch):
     assert len(runs) < layout.q_blocks // 4
     assert runs[-1][1] == layout.q_blocks
     assert all(a[1] == b[0] for a, b in itertools.pairwise(runs))
+    # the band path (no per-run memory bound) joins the runs one band split covers
+    joined = layout.band_runs(2, torch.float32)
+    assert len(joined) < len(runs) and joined[-1][1] == layout.q_blocks
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(joined))
 
 
 @pytest.mark.parametrize("causal", [False, True])

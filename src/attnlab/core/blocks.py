@@ -65,6 +65,11 @@ _CHUNK_ELEMENTS = 1 << 24
 # call); fewer, larger SDPA calls measured faster (blocksparse at N=16384: 8 MiB best,
 # 16 MiB and head-by-head pieces within noise of it, 1 MiB clearly slower)
 _GATHER_BYTES = 1 << 23
+# the band + gathered-blocks path (inference): bytes of band output per call, and of
+# gathered further keys and values per piece (blocksparse at N=16384, side by side:
+# 16 MiB pieces ~8% faster than 8 MiB; band pieces of 4, 8 or 16 MiB within noise)
+_BAND_BYTES = 1 << 23
+_BAND_GATHER_BYTES = 1 << 24
 
 
 @dataclass(eq=False)
@@ -209,6 +214,29 @@ class BlockLayout:
             return out
 
         return self._cached(f"runs-{batch_heads}", make)
+
+    def band_runs(self, batch_heads: int, dtype: torch.dtype):
+        """:meth:`runs` where consecutive runs that one :meth:`band_split` covers are
+        joined (cached): the band path computes in pieces of bounded size, so its runs
+        need no memory bound, and fewer, longer runs measured faster."""
+
+        def make():
+            out = []
+            for run in self.runs(batch_heads):
+                r0, r1, used, plain, seen = run
+                if out and seen and out[-1][4] and out[-1][2] == used and out[-1][1] == r0:
+                    p0 = out[-1][0]
+                    if (
+                        self.sliding_start(p0, out[-1][1], used) is None
+                        and self.sliding_start(r0, r1, used) is None
+                        and self.band_split(p0, r1, used, dtype) is not None
+                    ):
+                        out[-1] = (p0, r1, used, out[-1][3] and plain, True)
+                        continue
+                out.append(run)
+            return out
+
+        return self._cached(f"band-runs-{batch_heads}-{dtype}", make)
 
     def sliding_start(self, c0: int, c1: int, used: int) -> int | None:
         """The first key block of query block c0 when blocks c0..c1 visit consecutive key
@@ -454,7 +482,8 @@ def torch_block_attention(
     outs = []
     row_bytes = b * hq * bs * (k.shape[-1] + dv) * k.element_size()
     lse = out is not None and mask is None and hq == hkv and _lse_kernel(q, k, v)
-    for r0, r1, used, plain, all_seen in layout.runs(b * hq):
+    runs = layout.band_runs(b * hq, q.dtype) if lse else layout.runs(b * hq)
+    for r0, r1, used, plain, all_seen in runs:
         plain = plain and mask is None
         start = layout.sliding_start(r0, r1, used) if hq == hkv else None
         band = None
@@ -528,44 +557,52 @@ def _lse_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 def _band_and_extras(qb, kb, vb, out, r0, r1, band, rows, row_bytes, scale):
     """Query blocks r0..r1 of a run that :meth:`BlockLayout.band_split` splits (no autograd).
 
-    The band is read in place through a sliding view; the further blocks, all
-    fully visible, are gathered in pieces of about ``_GATHER_BYTES`` and
-    attended without a mask (but for the padding slots of rows with fewer of
-    them). The two partial softmaxes are merged by their log-sum-exps into
-    ``out``: o = o_x + (o_band - o_x)·sigmoid(lse_band - lse_x).
+    The band is read in place through a sliding view, about ``_BAND_BYTES`` of
+    band output per call; the further blocks, all fully visible, are gathered
+    in pieces of about ``_BAND_GATHER_BYTES`` and attended without a mask (but for
+    the padding slots of rows with fewer of them). The two partial softmaxes
+    are merged by their log-sum-exps into ``out``:
+    o = o_x + (o_band - o_x)·sigmoid(lse_band - lse_x).
     """
     first, width, bias, extra, extra_bias = band
-    b, hq, _, bs, _ = qb.shape
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    keys = [_sliding_view(x, first, r1 - r0, width * bs, bs).flatten(0, 1) for x in (kb, vb)]
-    qr = qb[:, :, r0:r1].flatten(0, 1)
-    ob, lb = flash(qr, *keys, attn_mask=bias, scale=scale)
+    b, hq, _, bs, d = qb.shape
     used = extra.shape[-1]
-    if used == 0:
-        out[:, :, r0:r1].copy_(ob.unflatten(0, (b, hq)))
-        return
-    if ob.dtype in (torch.float16, torch.bfloat16):
-        ob = ob.float()
-    step = max(1, _GATHER_BYTES // (row_bytes * used))
-    for c0 in range(r0, r1, step):
-        c1 = min(c0 + step, r1)
-        ids = (rows + extra[:, :, c0 - r0 : c1 - r0]).flatten()
-        kg, vg = (
-            x.reshape(-1, bs, x.shape[-1])
-            .index_select(0, ids)
-            .view(b * hq, c1 - c0, used * bs, x.shape[-1])
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    band_step = max(1, _BAND_BYTES // (b * hq * bs * d * qb.element_size()))
+    step = max(1, _BAND_GATHER_BYTES // (row_bytes * max(used, 1)))
+    for p0 in range(r0, r1, band_step):
+        p1 = min(p0 + band_step, r1)
+        keys = [
+            _sliding_view(x, first + p0 - r0, p1 - p0, width * bs, bs).flatten(0, 1)
             for x in (kb, vb)
-        )
-        hide = None
-        if extra_bias is not None:
-            hide = extra_bias[:, :, c0 - r0 : c1 - r0].expand(b, hq, -1, -1, -1).flatten(0, 1)
-        ox, lx = flash(qr[:, c0 - r0 : c1 - r0], kg, vg, attn_mask=hide, scale=scale)
-        w = torch.sigmoid_(lb[:, c0 - r0 : c1 - r0] - lx).unsqueeze(-1).to(ob.dtype)
-        dst = out[:, :, c0:c1].flatten(0, 1)
-        if dst.dtype == ob.dtype:
-            torch.lerp(ox, ob[:, c0 - r0 : c1 - r0], w, out=dst)
-        else:
-            dst.copy_(torch.lerp(ox.to(ob.dtype), ob[:, c0 - r0 : c1 - r0], w))
+        ]
+        qp = qb[:, :, p0:p1].flatten(0, 1)
+        ob, lb = flash(qp, *keys, attn_mask=bias, scale=scale)
+        if used == 0:
+            out[:, :, p0:p1].copy_(ob.unflatten(0, (b, hq)))
+            continue
+        if ob.dtype in (torch.float16, torch.bfloat16):
+            ob = ob.float()
+        for c0 in range(p0, p1, step):
+            c1 = min(c0 + step, p1)
+            ids = (rows + extra[:, :, c0 - r0 : c1 - r0]).flatten()
+            kg, vg = (
+                x.reshape(-1, bs, x.shape[-1])
+                .index_select(0, ids)
+                .view(b * hq, c1 - c0, used * bs, x.shape[-1])
+                for x in (kb, vb)
+            )
+            hide = None
+            if extra_bias is not None:
+                hide = extra_bias[:, :, c0 - r0 : c1 - r0].expand(b, hq, -1, -1, -1).flatten(0, 1)
+            ox, lx = flash(qp[:, c0 - p0 : c1 - p0], kg, vg, attn_mask=hide, scale=scale)
+            part = ob[:, c0 - p0 : c1 - p0]
+            w = torch.sigmoid_(lb[:, c0 - p0 : c1 - p0] - lx).unsqueeze(-1).to(ob.dtype)
+            dst = out[:, :, c0:c1].flatten(0, 1)
+            if dst.dtype == ob.dtype:
+                torch.lerp(ox, part, w, out=dst)
+            else:
+                dst.copy_(torch.lerp(ox.to(ob.dtype), part, w))
 
 
 def _sliding_view(x: torch.Tensor, start: int, count: int, length: int, step: int):
