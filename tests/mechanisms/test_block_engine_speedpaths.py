@@ -133,3 +133,20 @@ def test_strided_and_neighborhood_through_the_band_path(monkeypatch, causal):
         if name == "strided" and causal:
             # heads visit different numbers of shard blocks: padded slots are hidden
             assert any(band[4] is not None for band in calls)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_joined_runs_with_padded_further_blocks_equal_dense(monkeypatch, causal):
+    """Runs cut by the memory bound are joined again on the band path, their further
+    blocks' padding masks concatenated (strided: heads visit different numbers)."""
+    calls = _band_calls(monkeypatch)
+    monkeypatch.setattr(blocks, "_CHUNK_ELEMENTS", 4 * 64 * 8)
+    n, heads = 256, 4
+    mech = attnlab.get("strided", local=2, stride=3, block=8, form="torch")
+    layout = mech.layout(n, n, causal, heads)
+    assert len(layout.band_runs(heads, torch.float64)) < len(layout.runs(heads))
+    q, k, v = (torch.randn(1, heads, n, 8, dtype=torch.float64) for _ in range(3))
+    want = reference_attention(q, k, v, mask=_dense(mech, n, n, causal, heads))
+    with torch.no_grad():
+        torch.testing.assert_close(mech(q, k, v, causal=causal), want)
+    assert any(band[4] is not None and band[3].shape[2] > 1 for band in calls)

@@ -215,28 +215,29 @@ class BlockLayout:
 
         return self._cached(f"runs-{batch_heads}", make)
 
-    def band_runs(self, batch_heads: int, dtype: torch.dtype):
-        """:meth:`runs` where consecutive runs that one :meth:`band_split` covers are
-        joined (cached): the band path computes in pieces of bounded size, so its runs
-        need no memory bound, and fewer, longer runs measured faster."""
+    def band_runs(self, batch_heads: int, dtype: torch.dtype, min_elements: int = 0):
+        """[(c0, c1, slots, plain, seen, band)]: :meth:`runs` with the :meth:`band_split`
+        of each run that is no sliding band, where every query sees a key and whose
+        scores hold at least ``min_elements`` (else None); consecutive runs whose bands
+        continue each other are joined (cached). The band path computes in pieces of
+        bounded size, so it needs no per-run memory bound; fewer, longer runs measured
+        faster."""
 
         def make():
             out = []
-            for run in self.runs(batch_heads):
-                r0, r1, used, plain, seen = run
-                if out and seen and out[-1][4] and out[-1][2] == used and out[-1][1] == r0:
-                    p0 = out[-1][0]
-                    if (
-                        self.sliding_start(p0, out[-1][1], used) is None
-                        and self.sliding_start(r0, r1, used) is None
-                        and self.band_split(p0, r1, used, dtype) is not None
-                    ):
-                        out[-1] = (p0, r1, used, out[-1][3] and plain, True)
-                        continue
-                out.append(run)
+            for r0, r1, used, plain, seen in self.runs(batch_heads):
+                band = None
+                large = batch_heads * (r1 - r0) * self.block**2 * used >= min_elements
+                if seen and large and self.sliding_start(r0, r1, used) is None:
+                    band = self.band_split(r0, r1, used, dtype)
+                joined = _join_bands(out[-1], (r0, r1, used, band)) if out else None
+                if joined is not None:
+                    out[-1] = (out[-1][0], r1, used, out[-1][3] and plain, True, joined)
+                else:
+                    out.append((r0, r1, used, plain, seen, band))
             return out
 
-        return self._cached(f"band-runs-{batch_heads}-{dtype}", make)
+        return self._cached(f"band-runs-{batch_heads}-{dtype}-{min_elements}", make)
 
     def sliding_start(self, c0: int, c1: int, used: int) -> int | None:
         """The first key block of query block c0 when blocks c0..c1 visit consecutive key
@@ -482,14 +483,12 @@ def torch_block_attention(
     outs = []
     row_bytes = b * hq * bs * (k.shape[-1] + dv) * k.element_size()
     lse = out is not None and mask is None and hq == hkv and _lse_kernel(q, k, v)
-    runs = layout.band_runs(b * hq, q.dtype) if lse else layout.runs(b * hq)
-    for r0, r1, used, plain, all_seen in runs:
+    if lse:
+        runs = layout.band_runs(b * hq, q.dtype, _FUSED_MIN_ELEMENTS)
+    else:
+        runs = [(*run, None) for run in layout.runs(b * hq)]
+    for r0, r1, used, plain, all_seen, band in runs:
         plain = plain and mask is None
-        start = layout.sliding_start(r0, r1, used) if hq == hkv else None
-        band = None
-        large = b * hq * (r1 - r0) * bs * used * bs >= _FUSED_MIN_ELEMENTS
-        if start is None and lse and all_seen and large:
-            band = layout.band_split(r0, r1, used, q.dtype)
         if band is not None:
             if kb.stride()[2:] != (bs * kb.shape[-1], kb.shape[-1], 1):
                 kb = kb.contiguous()
@@ -498,6 +497,7 @@ def torch_block_attention(
             rows = (bi * hkv + hi) * nkb
             _band_and_extras(qb, kb, vb, out, r0, r1, band, rows, row_bytes, scale)
             continue
+        start = layout.sliding_start(r0, r1, used) if hq == hkv else None
         step = r1 - r0
         if start is None and out is not None:
             # gathered pieces only without gradients: with them autograd keeps every piece
@@ -547,6 +547,33 @@ def torch_block_attention(
     if out is None:
         out = torch.cat(outs, dim=2)
     return out.view(b, hq, nqb * bs, dv)[:, :, :nq]
+
+
+def _join_bands(prev: tuple, run: tuple):
+    """The band split of two consecutive runs as one, or None where they do not continue
+    each other (same band width, mask and number of further blocks)."""
+    p0, _, pused, _, _, a = prev
+    r0, _, used, bnd = run
+    if a is None or bnd is None or used != pused:
+        return None
+    (fa, wa, ba, ea, xa), (fb, wb, bb, eb, xb) = a, bnd
+    if wa != wb or fb != fa + r0 - p0 or ea.shape[-1] != eb.shape[-1]:
+        return None
+    if ea.shape[:2] != eb.shape[:2] or (ba is None) != (bb is None):
+        return None
+    if ba is not None and not torch.equal(ba, bb):
+        return None
+    hide = None
+    if xa is not None or xb is not None:
+        bl, hl, _, _, keys = (xa if xa is not None else xb).shape
+        xa, xb = (
+            x
+            if x is not None
+            else torch.zeros(bl, hl, e.shape[2], 1, keys, dtype=y.dtype, device=y.device)
+            for x, e, y in ((xa, ea, xb), (xb, eb, xa))
+        )
+        hide = torch.cat([xa, xb], dim=2)
+    return fa, wa, ba, torch.cat([ea, eb], dim=2), hide
 
 
 def _lse_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
