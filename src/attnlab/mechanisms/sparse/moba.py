@@ -32,6 +32,7 @@ TILED_DTYPES = (torch.float32, torch.float64)
 _OWN_TILE = 128
 # runs of at least this many queries against one key block go into the fused kernel
 # as two halves (balanced over its two threads; measured 10-30% faster from ~1000 on)
+# when it has more than one thread
 _SPLIT_RUN = 1024
 # queries gated at a time in moba_select
 _GATE_ROWS = 2048
@@ -286,11 +287,12 @@ def _other_blocks(flash, q, kb, vb, chosen, scale, sorted_q, sorted_l):
     sq = sorted_q[:pairs]
     torch.index_select(q, 0, rows, out=sq)
     sq4 = sq.view(1, 1, pairs, d)
+    split = torch.get_num_threads() > 1  # halves of long runs only for two threads
     k4, v4 = (x[:, None, None] for x in (kb, vb))  # [nb, 1, 1, block, D]
     start, pieces, lses = 0, [], []
     for j, count in enumerate(counts):
         if count:
-            _attend_run(flash, sq4, start, count, k4[j], v4[j], scale, pieces, lses)
+            _attend_run(flash, sq4, start, count, k4[j], v4[j], scale, pieces, lses, split)
             start += count
     torch.cat(lses, out=sorted_l[:pairs])
     return rows, pieces
@@ -318,18 +320,19 @@ def _merge(ot, owns, own_lse, out, sorted_l, rows, pieces):
         out.index_add_(0, rows[span], o.mul_(w[span, None]))
 
 
-def _attend_run(flash, sq4, start, count, kb, vb, scale, pieces, lses):
+def _attend_run(flash, sq4, start, count, kb, vb, scale, pieces, lses, split):
     """Pairs ``start:start+count`` (queries in ``sq4`` [1, 1, P, D]) attend one key
     block [1, 1, block, D]; appends the outputs to ``pieces`` as (first pair,
     [m, D]) and the log-sum-exps, in pair order, to ``lses``.
 
-    A long run goes in as two halves (the batch of the call; for an odd count they
-    share one row, kept from the first half only), so that the kernel's two
-    threads get equal work: it splits a call into tiles of up to 256 queries and
+    With ``split`` (the kernel runs on more than one thread), a long run goes in
+    as two halves (the batch of the call; for an odd count they share one row,
+    kept from the first half only), so that the kernel's two threads get equal
+    work: it splits a call into tiles of up to 256 queries and
     hands each thread a contiguous share of them, which for a single run leaves
     the last, short tile unbalanced.
     """
-    if count < _SPLIT_RUN:
+    if not split or count < _SPLIT_RUN:
         o, lse = flash(sq4.narrow(2, start, count), kb, vb, scale=scale)
         pieces.append((start, o[0, 0]))
         lses.append(lse.view(count))
