@@ -232,10 +232,8 @@ def _tiled_heads(heads, qh, kb, vb, other, out, lse, h, hkv, sub, biases, scale,
     n, d = qh.shape[1:]
     nb, block = kb.shape[1:3]
     slots = other.shape[1]
-    # per head, reused: the own blocks' log-sum-exps; the queries in call order
-    # and their log-sum-exps
+    # per head, reused: the own blocks' log-sum-exps; those of the pairs in call order
     own_lse = qh.new_empty(nb, block)
-    sorted_q = qh.new_empty(slots * n, d)
     sorted_l = qh.new_empty(slots * n)
     for t in heads:
         kv = (t // h) * hkv + (t % h) // (h // hkv)
@@ -256,7 +254,7 @@ def _tiled_heads(heads, qh, kb, vb, other, out, lse, h, hkv, sub, biases, scale,
             own_lse[:, rs] = l1[0]
         runs = None
         if slots:
-            runs = _other_blocks(flash, qh[t], kb[kv], vb[kv], other[t], scale, sorted_q, sorted_l)
+            runs = _other_blocks(flash, qh[t], kb[kv], vb[kv], other[t], scale, sorted_l)
         if runs is None:
             for rs, o1 in owns:
                 ot[:, rs] = o1
@@ -266,33 +264,29 @@ def _tiled_heads(heads, qh, kb, vb, other, out, lse, h, hkv, sub, biases, scale,
             lse[t] = own_lse.view(n)
 
 
-def _other_blocks(flash, q, kb, vb, chosen, scale, sorted_q, sorted_l):
+def _other_blocks(flash, q, kb, vb, chosen, scale, sorted_l):
     """One head's attention over the blocks other than its own, by key block.
 
     ``q`` [N, D], ``kb``/``vb`` [nb, block, D], ``chosen`` [slots, N] (-1:
-    none). The chosen (slot, query) pairs are sorted by key block and their
-    queries gathered once in that order into ``sorted_q``; every query that
-    chose key block j, in any slot, is then one contiguous run attending
-    block j in one call. Returns None if no query chose another block, else
+    none). The chosen (slot, query) pairs are sorted by key block; every
+    query that chose key block j, in any slot, is then one contiguous run of
+    pairs, its queries gathered (a cache-sized copy) and attending block j in
+    one call. Returns None if no query chose another block, else
     the query of each pair [P] and the runs' results: pieces (first pair,
     output [m, D]) covering the pairs in order, their log-sum-exps written
     into ``sorted_l``.
     """
-    n, d = q.shape
-    nb = kb.shape[0]
-    rows, counts = _pairs(chosen, n, nb)
+    rows, counts = _pairs(chosen, q.shape[0], kb.shape[0])
     pairs = rows.numel()
     if pairs == 0:
         return None
-    sq = sorted_q[:pairs]
-    torch.index_select(q, 0, rows, out=sq)
-    sq4 = sq.view(1, 1, pairs, d)
     split = torch.get_num_threads() > 1  # halves of long runs only for two threads
     k4, v4 = (x[:, None, None] for x in (kb, vb))  # [nb, 1, 1, block, D]
     start, pieces, lses = 0, [], []
     for j, count in enumerate(counts):
         if count:
-            _attend_run(flash, sq4, start, count, k4[j], v4[j], scale, pieces, lses, split)
+            queries = q.index_select(0, rows[start : start + count])
+            _attend_run(flash, queries, start, k4[j], v4[j], scale, pieces, lses, split)
             start += count
     torch.cat(lses, out=sorted_l[:pairs])
     return rows, pieces
@@ -320,8 +314,8 @@ def _merge(ot, owns, own_lse, out, sorted_l, rows, pieces):
         out.index_add_(0, rows[span], o.mul_(w[span, None]))
 
 
-def _attend_run(flash, sq4, start, count, kb, vb, scale, pieces, lses, split):
-    """Pairs ``start:start+count`` (queries in ``sq4`` [1, 1, P, D]) attend one key
+def _attend_run(flash, queries, start, kb, vb, scale, pieces, lses, split):
+    """The run of pairs from ``start`` on (their queries [count, D]) attends one key
     block [1, 1, block, D]; appends the outputs to ``pieces`` as (first pair,
     [m, D]) and the log-sum-exps, in pair order, to ``lses``.
 
@@ -332,15 +326,14 @@ def _attend_run(flash, sq4, start, count, kb, vb, scale, pieces, lses, split):
     hands each thread a contiguous share of them, which for a single run leaves
     the last, short tile unbalanced.
     """
+    count, d = queries.shape
     if not split or count < _SPLIT_RUN:
-        o, lse = flash(sq4.narrow(2, start, count), kb, vb, scale=scale)
+        o, lse = flash(queries.view(1, 1, count, d), kb, vb, scale=scale)
         pieces.append((start, o[0, 0]))
         lses.append(lse.view(count))
         return
-    d = sq4.shape[-1]
-    half, second, odd = -(-count // 2), start + count // 2, count % 2
-    offset = sq4.storage_offset() + start * d
-    q2 = sq4.as_strided((2, 1, half, d), ((second - start) * d, d, d, 1), offset)
+    half, odd = -(-count // 2), count % 2
+    q2 = queries.as_strided((2, 1, half, d), ((count // 2) * d, d, d, 1))
     o, lse = flash(q2, kb.expand(2, -1, -1, -1), vb.expand(2, -1, -1, -1), scale=scale)
     pieces.append((start, o[0, 0]))
     pieces.append((start + half, o[1, 0, odd:]))
