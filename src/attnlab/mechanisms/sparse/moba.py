@@ -358,8 +358,9 @@ def tiled_moba_backward(
     kb, vb = (x.reshape(b * hkv, nb, block, d) for x in (k, v))
     dq = torch.zeros_like(qh)
     dk, dv = torch.zeros_like(kb), torch.zeros_like(vb)
-    for t in range(bh):
-        kv = (t // h) * hkv + (t % h) // (h // hkv)
+    rep = h // hkv
+
+    def one_head(t, kv):
         qt, ot, gt = (x[t].view(1, nb, block, d) for x in (qh, oh, gh))
         lt, dqt = lse[t].view(1, nb, block), dq[t].view(nb, block, d)
         for i, s0 in enumerate(range(0, block, sub)):
@@ -380,10 +381,10 @@ def tiled_moba_backward(
             dk[kv, :, keys] += g_k[0]
             dv[kv, :, keys] += g_v[0]
         if other.shape[1] == 0:
-            continue
+            return
         rows, counts = _pairs(other[t], n, nb)
         if rows.numel() == 0:
-            continue
+            return
         sq, so, sg = (x[t].index_select(0, rows) for x in (qh, oh, gh))
         sl = lse[t].index_select(0, rows)
         start = 0
@@ -407,6 +408,15 @@ def tiled_moba_backward(
             dk[kv, j] += g_k[0, 0]
             dv[kv, j] += g_v[0, 0]
         dq[t].index_add_(0, rows, sq)
+
+    def kv_heads(items):
+        # the query heads of one key/value head in one worker: they add into its dk, dv
+        for kv in items:
+            first = (kv // hkv) * h + (kv % hkv) * rep
+            for t in range(first, first + rep):
+                one_head(t, kv)
+
+    _in_workers(kv_heads, b * hkv)
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 
