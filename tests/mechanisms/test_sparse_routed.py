@@ -270,3 +270,41 @@ def test_moba_tiled_gradient_equals_dense_gradient(monkeypatch, causal):
     torch.testing.assert_close(got, want)
     for a, b in zip(ins, ref, strict=True):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_moba_tiled_single_head_splits_long_runs(monkeypatch):
+    """One head on two torch threads runs in place, long runs as two halves (odd
+    runs share a row): the answer of its selection."""
+    import attnlab.mechanisms.sparse.moba as moba
+
+    monkeypatch.setattr(moba, "_SPLIT_RUN", 3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q, k, v = rand(b=1, h=1, n=48)
+        sel = moba_select(q, k, block=8, top_k=4, causal=False)
+        got = attnlab.get("moba", block=8, top_k=4, form="auto")(q, k, v)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got, dense(q, k, v, blocks_to_tokens(sel, 8, 48)))
+
+
+def test_moba_tiled_workers_equal_one_thread():
+    """Heads side by side in worker threads (two torch threads) give the output and
+    gradients of the same path on one thread, in place."""
+    q, k, v = rand(b=2, h=4, n=48)
+    k, v = k[:, :2], v[:, :2]  # grouped-query
+    g = torch.randn(2, 4, 48, 8, dtype=torch.float64)
+    mech = attnlab.get("moba", block=8, top_k=3, form="auto")
+    threads, results = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            ins = [x.clone().requires_grad_() for x in (q, k, v)]
+            out = mech(*ins, causal=True)
+            (out * g).sum().backward()
+            results.append([out.detach()] + [x.grad for x in ins])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -185,8 +186,10 @@ def tiled_moba(q, k, v, sel, *, block: int, scale: float, causal: bool, lse=None
     return out.view(b, h, n, d)
 
 
-# worker threads of :func:`_in_workers` by their number, made on first use
+# worker threads of :func:`_in_workers` by their number, made on first use (a forked
+# child has none of its parent's threads: it makes its own)
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+os.register_at_fork(after_in_child=_POOLS.clear)
 
 
 def _in_workers(work, count: int) -> None:
