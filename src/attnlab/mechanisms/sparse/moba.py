@@ -483,18 +483,19 @@ class MoBA(KVCacheDecode, Mechanism):
     causal; the gate itself is not differentiated (gradients flow through the
     attention over the chosen blocks).
 
-    Paths (``form``): on CPU in float32/float64, with no mask and whole
-    blocks of as many queries as keys, ``"auto"`` takes :func:`tiled_moba`,
-    head by head: each query's own block in one fused flash-kernel call per
-    sub-block, then, for every key block, all queries that chose it in one
-    call reading the block in place, merged by log-sum-exp; with gradients
-    the same tiles run the kernel's backward (:func:`tiled_moba_backward`,
-    exact given the merged log-sum-exp), so it is both the fast and the
-    trainable path. Otherwise ``"auto"`` and ``"torch"`` sort the (query,
-    block) choices by key block into tiles of ``block`` queries sharing one
-    block, run all tiles as one batch and merge each query's partial
-    softmaxes by log-sum-exp: in the fused kernel where it applies
-    (``"auto"``), else in plain PyTorch ops (trainable by autograd).
+    Paths (``form``): on CPU in float32/float64, with no mask and whole blocks
+    of as many queries as keys, ``"auto"`` takes :func:`tiled_moba`, head by
+    head (heads side by side in worker threads, one per torch intra-op thread,
+    each kernel on one thread): each query's own block in one fused flash-kernel
+    call per sub-block, then, for every key block, all queries that chose it in
+    one call reading the block in place, merged by log-sum-exp; with gradients
+    the same tiles run the kernel's backward (:func:`tiled_moba_backward`, exact
+    given the merged log-sum-exp), so it is both the fast and the trainable
+    path. Otherwise ``"auto"`` and ``"torch"`` sort the (query, block) choices
+    by key block into tiles of ``block`` queries sharing one block, run all
+    tiles as one batch and merge each query's partial softmaxes by log-sum-exp:
+    in the fused kernel where it applies (``"auto"``), else in plain PyTorch ops
+    (trainable by autograd).
     ``"flex"`` runs FlexAttention over the union of
     the blocks each query block chose, with a per-token rule (inference only;
     compiled per shape, slower than ``"auto"`` on CPU).
