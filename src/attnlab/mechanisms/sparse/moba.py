@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,7 +30,6 @@ TILED_DTYPES = (torch.float32, torch.float64)
 _OWN_TILE = 128
 # runs of at least this many queries against one key block go into the fused kernel
 # as two halves (balanced over its two threads; measured 10-30% faster from ~1000 on)
-# when it has more than one thread
 _SPLIT_RUN = 1024
 # queries gated at a time in moba_select
 _GATE_ROWS = 2048
@@ -154,94 +150,32 @@ def tiled_moba(q, k, v, sel, *, block: int, scale: float, causal: bool, lse=None
     - the own block: all blocks of the head in one call per sub-block;
       under the causal rule cut into sub-blocks of ``_OWN_TILE`` queries,
       each attending only the prefix of its block up to itself (the kernel
-      computes whole tiles of up to 512 keys, masked or not);
+      computes whole tiles of up to 512 keys, masked or not), written
+      straight into the output;
     - the other blocks (:func:`_other_blocks`): the head's (slot, query)
       choices sorted by key block, the queries gathered once in that order,
       and every query that chose key block j, in any slot, in one call
-      against block j, read in place (no key gather);
-    - :func:`_merge`: the own block's result scaled into the output, the
-      others' added to it, weighted by log-sum-exp.
-
-    With torch's intra-op threads (``torch.get_num_threads()``) above one,
-    the heads are shared out among as many worker threads, each running its
-    kernels on one thread (:func:`_in_workers`): the kernel's calls are many
-    and small (a few hundred queries against one block), too short to keep
-    its threads busy, and between them the merge and Python run on one
-    core; heads side by side keep every core busy (measured ~25% faster on
-    two cores). The result is the same as in one thread.
+      against block j, read in place (no key gather); merged into the
+      output by log-sum-exp.
 
     ``lse`` [B*H, N], if given, receives each query's log-sum-exp over all
     its keys (what the backward needs).
     """
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     b, _, n, d = q.shape
     bh, nb, h, hkv, other, sub, biases = _tiles(q, k, sel, block, causal)
+    slots = other.shape[1]
     qh = q.reshape(bh, n, d)
     kb, vb = (x.reshape(b * hkv, nb, block, d) for x in (k, v))
     out = q.new_empty(bh, n, d)
-
-    def heads(items):
-        _tiled_heads(items, qh, kb, vb, other, out, lse, h, hkv, sub, biases, scale, causal)
-
-    _in_workers(heads, bh)
-    return out.view(b, h, n, d)
-
-
-# worker threads of :func:`_in_workers` by their number, made on first use (a forked
-# child has none of its parent's threads: it makes its own)
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-os.register_at_fork(after_in_child=_POOLS.clear)
-
-
-def _in_workers(work, count: int) -> None:
-    """``work(items)`` over the indices ``range(count)``: in place if torch has one
-    intra-op thread (or ``count`` is 1), else in as many worker threads as torch
-    has intra-op threads, side by side, each taking the next index as it is
-    free (``items`` an iterator shared by all), setting torch to one thread
-    (restored afterwards) and taking the caller's grad and inference mode."""
-    threads = torch.get_num_threads()
-    shares = min(threads, count)
-    if shares <= 1:
-        work(range(count))
-        return
-    if shares not in _POOLS:
-        _POOLS[shares] = ThreadPoolExecutor(shares, thread_name_prefix="attnlab-moba")
-
-    # grad and inference mode are per thread: the workers take the caller's
-    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-
-    indices, lock = iter(range(count)), threading.Lock()
-
-    def take():
-        with lock:
-            return next(indices, None)
-
-    def one():
-        torch.set_num_threads(1)
-        try:
-            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                work(iter(take, None))
-        finally:
-            torch.set_num_threads(threads)
-
-    jobs = [_POOLS[shares].submit(one) for _ in range(shares)]
-    for job in jobs:
-        job.result()
-
-
-def _tiled_heads(heads, qh, kb, vb, other, out, lse, h, hkv, sub, biases, scale, causal):
-    """:func:`tiled_moba` for the heads ``heads`` (indices into B*H): ``out``
-    [B*H, N, D] and ``lse`` (or None) receive their rows."""
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    n, d = qh.shape[1:]
-    nb, block = kb.shape[1:3]
-    slots = other.shape[1]
-    # per head, reused: the own blocks' log-sum-exps; those of the pairs in call order
-    own_lse = qh.new_empty(nb, block)
-    sorted_l = qh.new_empty(slots * n)
-    for t in heads:
+    # per head, reused: the own blocks' log-sum-exps; the queries in call order
+    # (then their results) and their log-sum-exps
+    own_lse = q.new_empty(nb, block)
+    sorted_q = q.new_empty(slots * n, d)
+    sorted_l = q.new_empty(slots * n)
+    for t in range(bh):
         kv = (t // h) * hkv + (t % h) // (h // hkv)
         qt, ot = qh[t].view(1, nb, block, d), out[t].view(nb, block, d)
-        owns = []
         for i, s0 in enumerate(range(0, block, sub)):
             rs, keys = slice(s0, s0 + sub), slice(0, s0 + sub if causal else block)
             o1, l1 = flash(
@@ -253,95 +187,89 @@ def _tiled_heads(heads, qh, kb, vb, other, out, lse, h, hkv, sub, biases, scale,
                 attn_mask=biases[i],
                 scale=scale,
             )
-            owns.append((rs, o1[0]))
+            ot[:, rs] = o1[0]
             own_lse[:, rs] = l1[0]
-        runs = None
         if slots:
-            runs = _other_blocks(flash, qh[t], kb[kv], vb[kv], other[t], scale, sorted_l)
-        if runs is None:
-            for rs, o1 in owns:
-                ot[:, rs] = o1
-        else:
-            _merge(ot, owns, own_lse.view(n), out[t], sorted_l, *runs)
+            _other_blocks(
+                flash,
+                qh[t],
+                kb[kv],
+                vb[kv],
+                other[t],
+                scale,
+                out[t],
+                own_lse.view(n),
+                sorted_q,
+                sorted_l,
+            )
         if lse is not None:
             lse[t] = own_lse.view(n)
+    return out.view(b, h, n, d)
 
 
-def _other_blocks(flash, q, kb, vb, chosen, scale, sorted_l):
-    """One head's attention over the blocks other than its own, by key block.
+def _other_blocks(flash, q, kb, vb, chosen, scale, out, own_lse, sorted_q, sorted_l):
+    """One head's attention over the blocks other than its own, by key block,
+    merged into the own block's result.
 
     ``q`` [N, D], ``kb``/``vb`` [nb, block, D], ``chosen`` [slots, N] (-1:
-    none). The chosen (slot, query) pairs are sorted by key block; every
-    query that chose key block j, in any slot, is then one contiguous run of
-    pairs, its queries gathered (a cache-sized copy) and attending block j in
-    one call. Returns None if no query chose another block, else
-    the query of each pair [P] and the runs' results: pieces (first pair,
-    output [m, D]) covering the pairs in order, their log-sum-exps written
-    into ``sorted_l``.
+    none), ``out`` [N, D] and ``own_lse`` [N]: the own block's output and
+    log-sum-exp. The chosen (slot, query) pairs are sorted by key block and
+    their queries gathered once in that order into ``sorted_q``; every
+    query that chose key block j, in any slot, is then one contiguous run
+    attending block j in one call, its result written over its queries.
+    Finally each query's results are merged by log-sum-exp: the own block's
+    output scaled in place, the others' weighted and added row by row;
+    ``own_lse`` becomes the log-sum-exp over all the query's keys.
     """
-    rows, counts = _pairs(chosen, q.shape[0], kb.shape[0])
+    n = q.shape[0]
+    nb = kb.shape[0]
+    rows, counts = _pairs(chosen, n, nb)
     pairs = rows.numel()
     if pairs == 0:
-        return None
-    split = torch.get_num_threads() > 1  # halves of long runs only for two threads
-    k4, v4 = (x[:, None, None] for x in (kb, vb))  # [nb, 1, 1, block, D]
-    start, pieces, lses = 0, [], []
+        return
+    sq, sl = sorted_q[:pairs], sorted_l[:pairs]
+    torch.index_select(q, 0, rows, out=sq)
+    start = 0
     for j, count in enumerate(counts):
         if count:
-            queries = q.index_select(0, rows[start : start + count])
-            _attend_run(flash, queries, start, k4[j], v4[j], scale, pieces, lses, split)
+            _attend_run(flash, sq, sl, start, count, kb[j], vb[j], scale)
             start += count
-    torch.cat(lses, out=sorted_l[:pairs])
-    return rows, pieces
-
-
-def _merge(ot, owns, own_lse, out, sorted_l, rows, pieces):
-    """Each query's results merged by log-sum-exp into ``out`` [N, D] (``ot``: its
-    view [nb, block, D]): the own block's outputs ``owns`` (row slice of the
-    blocks, output [nb, rows, D]) scaled into it, the others' pieces weighted
-    and added row by row; ``own_lse`` [N] becomes the log-sum-exp over all the
-    query's keys."""
-    sl = sorted_l[: rows.numel()]
     # weights against each query's largest log-sum-exp (the own block's is finite)
     top = own_lse.scatter_reduce(0, rows, sl, reduce="amax")
     w_own = (own_lse - top).exp_()
     w = sl.sub_(top.index_select(0, rows)).exp_()
     total = w_own.index_add(0, rows, w)
     own_lse.copy_(top).add_(total.log())
-    w_own = w_own.div_(total).view(ot.shape[0], -1, 1)
-    w.div_(total.index_select(0, rows))
-    for rs, o1 in owns:
-        torch.mul(o1, w_own[:, rs], out=ot[:, rs])
-    for first, o in pieces:
-        span = slice(first, first + o.shape[0])
-        out.index_add_(0, rows[span], o.mul_(w[span, None]))
+    out.mul_(w_own.div_(total)[:, None])
+    sq.mul_(w.div_(total.index_select(0, rows))[:, None])
+    out.index_add_(0, rows, sq)
 
 
-def _attend_run(flash, queries, start, kb, vb, scale, pieces, lses, split):
-    """The run of pairs from ``start`` on (their queries [count, D]) attends one key
-    block [1, 1, block, D]; appends the outputs to ``pieces`` as (first pair,
-    [m, D]) and the log-sum-exps, in pair order, to ``lses``.
+def _attend_run(flash, sorted_q, sorted_l, start, count, kb, vb, scale):
+    """Rows ``start:start+count`` of ``sorted_q`` attend one key block [block, D]; the
+    result is written over them, the log-sum-exp into ``sorted_l``.
 
-    With ``split`` (the kernel runs on more than one thread), a long run goes in
-    as two halves (the batch of the call; for an odd count they share one row,
-    kept from the first half only), so that the kernel's two threads get equal
-    work: it splits a call into tiles of up to 256 queries and
-    hands each thread a contiguous share of them, which for a single run leaves
-    the last, short tile unbalanced.
+    A long run goes in as two halves (the batch of the call; for an odd count they
+    share one row), so that the kernel's two threads get equal work: it splits
+    a call into tiles of up to 256 queries and hands each thread a contiguous share
+    of them, which for a single run leaves the last, short tile unbalanced.
     """
-    count, d = queries.shape
-    if not split or count < _SPLIT_RUN:
-        o, lse = flash(queries.view(1, 1, count, d), kb, vb, scale=scale)
-        pieces.append((start, o[0, 0]))
-        lses.append(lse.view(count))
+    d = sorted_q.shape[1]
+    if count < _SPLIT_RUN:
+        span = slice(start, start + count)
+        o, lse = flash(sorted_q[None, None, span], kb[None, None], vb[None, None], scale=scale)
+        sorted_q[span] = o.view(count, d)
+        sorted_l[span] = lse.view(count)
         return
-    half, odd = -(-count // 2), count % 2
-    q2 = queries.as_strided((2, 1, half, d), ((count // 2) * d, d, d, 1))
-    o, lse = flash(q2, kb.expand(2, -1, -1, -1), vb.expand(2, -1, -1, -1), scale=scale)
-    pieces.append((start, o[0, 0]))
-    pieces.append((start + half, o[1, 0, odd:]))
-    lses.append(lse[0, 0])
-    lses.append(lse[1, 0, odd:])
+    half, second = -(-count // 2), start + count // 2
+    offset = sorted_q.storage_offset() + start * d
+    q2 = sorted_q.as_strided((2, 1, half, d), ((second - start) * d, d, d, 1), offset)
+    k2, v2 = (x.expand(2, 1, *x.shape) for x in (kb, vb))
+    o, lse = flash(q2, k2, v2, scale=scale)  # o [2, 1, half, D], lse [2, 1, half]
+    sorted_q[start : start + half] = o[0, 0]
+    sorted_q[second : start + count] = o[1, 0]
+    sorted_l[start : start + half] = lse[0, 0]
+    sorted_l[second : start + count] = lse[1, 0]
 
 
 def tiled_moba_backward(
@@ -361,9 +289,8 @@ def tiled_moba_backward(
     kb, vb = (x.reshape(b * hkv, nb, block, d) for x in (k, v))
     dq = torch.zeros_like(qh)
     dk, dv = torch.zeros_like(kb), torch.zeros_like(vb)
-    rep = h // hkv
-
-    def one_head(t, kv):
+    for t in range(bh):
+        kv = (t // h) * hkv + (t % h) // (h // hkv)
         qt, ot, gt = (x[t].view(1, nb, block, d) for x in (qh, oh, gh))
         lt, dqt = lse[t].view(1, nb, block), dq[t].view(nb, block, d)
         for i, s0 in enumerate(range(0, block, sub)):
@@ -384,10 +311,10 @@ def tiled_moba_backward(
             dk[kv, :, keys] += g_k[0]
             dv[kv, :, keys] += g_v[0]
         if other.shape[1] == 0:
-            return
+            continue
         rows, counts = _pairs(other[t], n, nb)
         if rows.numel() == 0:
-            return
+            continue
         sq, so, sg = (x[t].index_select(0, rows) for x in (qh, oh, gh))
         sl = lse[t].index_select(0, rows)
         start = 0
@@ -411,15 +338,6 @@ def tiled_moba_backward(
             dk[kv, j] += g_k[0, 0]
             dv[kv, j] += g_v[0, 0]
         dq[t].index_add_(0, rows, sq)
-
-    def kv_heads(items):
-        # the query heads of one key/value head in one worker: they add into its dk, dv
-        for kv in items:
-            first = (kv // hkv) * h + (kv % hkv) * rep
-            for t in range(first, first + rep):
-                one_head(t, kv)
-
-    _in_workers(kv_heads, b * hkv)
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 
@@ -483,19 +401,18 @@ class MoBA(KVCacheDecode, Mechanism):
     causal; the gate itself is not differentiated (gradients flow through the
     attention over the chosen blocks).
 
-    Paths (``form``): on CPU in float32/float64, with no mask and whole blocks
-    of as many queries as keys, ``"auto"`` takes :func:`tiled_moba`, head by
-    head (heads side by side in worker threads, one per torch intra-op thread,
-    each kernel on one thread): each query's own block in one fused flash-kernel
-    call per sub-block, then, for every key block, all queries that chose it in
-    one call reading the block in place, merged by log-sum-exp; with gradients
-    the same tiles run the kernel's backward (:func:`tiled_moba_backward`, exact
-    given the merged log-sum-exp), so it is both the fast and the trainable
-    path. Otherwise ``"auto"`` and ``"torch"`` sort the (query, block) choices
-    by key block into tiles of ``block`` queries sharing one block, run all
-    tiles as one batch and merge each query's partial softmaxes by log-sum-exp:
-    in the fused kernel where it applies (``"auto"``), else in plain PyTorch ops
-    (trainable by autograd).
+    Paths (``form``): on CPU in float32/float64, with no mask and whole
+    blocks of as many queries as keys, ``"auto"`` takes :func:`tiled_moba`,
+    head by head: each query's own block in one fused flash-kernel call per
+    sub-block, then, for every key block, all queries that chose it in one
+    call reading the block in place, merged by log-sum-exp; with gradients
+    the same tiles run the kernel's backward (:func:`tiled_moba_backward`,
+    exact given the merged log-sum-exp), so it is both the fast and the
+    trainable path. Otherwise ``"auto"`` and ``"torch"`` sort the (query,
+    block) choices by key block into tiles of ``block`` queries sharing one
+    block, run all tiles as one batch and merge each query's partial
+    softmaxes by log-sum-exp: in the fused kernel where it applies
+    (``"auto"``), else in plain PyTorch ops (trainable by autograd).
     ``"flex"`` runs FlexAttention over the union of
     the blocks each query block chose, with a per-token rule (inference only;
     compiled per shape, slower than ``"auto"`` on CPU).
