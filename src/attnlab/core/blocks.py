@@ -520,7 +520,7 @@ def torch_block_attention(
                 # query block c0 + i visits key blocks start + i ... start + i + used - 1:
                 # overlapping strided views of k and v, no copy
                 s0 = start + c0 - r0
-                kg, vg = (_sliding_view(x, s0, c1 - c0, used * bs, bs) for x in (kb, vb))
+                kg, vg = (sliding_view(x, s0, c1 - c0, used * bs, bs) for x in (kb, vb))
             keys = slice(0, used * bs)
             bias, seen = None, None
             if not plain:
@@ -600,7 +600,7 @@ def _band_and_extras(qb, kb, vb, out, r0, r1, band, rows, row_bytes, scale):
     for p0 in range(r0, r1, band_step):
         p1 = min(p0 + band_step, r1)
         keys = [
-            _sliding_view(x, first + p0 - r0, p1 - p0, width * bs, bs).flatten(0, 1)
+            sliding_view(x, first + p0 - r0, p1 - p0, width * bs, bs).flatten(0, 1)
             for x in (kb, vb)
         ]
         qp = qb[:, :, p0:p1].flatten(0, 1)
@@ -632,7 +632,7 @@ def _band_and_extras(qb, kb, vb, out, r0, r1, band, rows, row_bytes, scale):
                 dst.copy_(torch.lerp(ox.to(ob.dtype), part, w))
 
 
-def _sliding_view(x: torch.Tensor, start: int, count: int, length: int, step: int):
+def sliding_view(x: torch.Tensor, start: int, count: int, length: int, step: int):
     """[B, H, count, length, D] view of blocked [B, H, nb, bs, D] whose row i starts at
     token (start + i)·step; no copy when x is contiguous along its tokens."""
     b, h, _, bs, d = x.shape

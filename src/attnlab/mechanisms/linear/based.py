@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.core import Mechanism, Spec, register
+from attnlab.core.blocks import sliding_view
 from attnlab.core.checks import check_positive_int
 from attnlab.core.masks import repeat_kv
 from attnlab.core.scan import acc_dtype, block_plan, choose_chunk, orthogonal_gaussian
@@ -63,10 +64,9 @@ def _padded(x: torch.Tensor, front: int, back: int) -> torch.Tensor:
 
 def _windows(x: torch.Tensor, nb: int, c: int, span: int) -> torch.Tensor:
     """Overlapping views [X, nb, span, D] of x [X, (nb + L)·C, D]: chunk c's window starts
-    at row c·C (no copy)."""
-    return x.as_strided(
-        (x.shape[0], nb, span, x.shape[-1]), (x.stride(0), c * x.stride(1), x.stride(1), 1)
-    )
+    at row c·C (the block engine's sliding view, no copy)."""
+    blocked = x.view(x.shape[0], 1, -1, c, x.shape[-1])
+    return sliding_view(blocked, 0, nb, span, c)[:, 0]
 
 
 def _window_softmax(q, k, v, bias, scale, grad):
@@ -220,6 +220,7 @@ class Based(SeededDraws, Mechanism):
         c = max(1, min(self.config.chunk or choose_chunk(n), n))
         exact_bias, far_masks = self._lag_masks(c, acc, q.device)
         lags, span = len(far_masks) - 1, exact_bias.shape[-1]
+        rows_bias = exact_bias if g == 1 else exact_bias.repeat(g, 1)  # [G·C, span]
         fdim = self.feature_dim(d)
         proj = self.projection(d)
         proj = torch.eye(d, dtype=acc, device=q.device) if proj is None else proj.to(q.device, acc)
@@ -247,13 +248,13 @@ class Based(SeededDraws, Mechanism):
                 kb = _padded(k[r0:r1, k0:t1], front, pad)  # [X, (nb + L)·C, D]
                 vb = _padded(v[r0:r1, k0:t1], front, pad)
                 # the window: one softmax per chunk over its L + 1 chunks of keys (views)
-                bias = exact_bias if g == 1 else exact_bias.repeat(g, 1)  # [G·C, span]
+                bias = rows_bias
                 if front:  # the first chunks' keys before position 0 are no keys
                     bias = bias.expand(1, nb, g * c, span).clone()
                     for chunk in range(min(nb, front // c)):
                         bias[:, chunk, :, : front - chunk * c] = -math.inf
                 near, lse = _window_softmax(
-                    qb, _windows(kb, nb, c, span), _windows(vb, nb, c, span), bias, scale, grad
+                    qb, *(_windows(x_, nb, c, span) for x_ in (kb, vb)), bias, scale, grad
                 )
                 # the Taylor weights: the state of the keys before chunk c - L, then the
                 # local keys beyond the window (features as rows: [.., F, C])
