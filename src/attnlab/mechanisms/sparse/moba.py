@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -31,7 +32,7 @@ _OWN_TILE = 128
 # runs of at least this many queries against one key block go into the fused kernel
 # as two halves (balanced over its two threads; measured 10-30% faster from ~1000 on)
 _SPLIT_RUN = 1024
-# queries gated at a time in moba_select
+# queries gated at a time in moba_others
 _GATE_ROWS = 2048
 
 FORMS = ("auto", "torch", "flex")
@@ -59,36 +60,66 @@ def moba_select(q, k, *, block: int, top_k: int, causal: bool) -> torch.Tensor:
     (causal) or among all others (non-causal). Empty slots hold -1.
     """
     b, h, nq, _ = q.shape
+    own = own_blocks(nq, k.shape[2], block, causal, q.device)
+    sel_own = own.view(1, 1, nq, 1).expand(b, h, nq, 1)
+    other = moba_others(q, k, block=block, top_k=top_k, causal=causal)
+    if other.shape[3] == 0:
+        return sel_own
+    return torch.cat([sel_own, other.long()], dim=-1)
+
+
+def moba_others(q, k, *, block: int, top_k: int, causal: bool) -> torch.Tensor:
+    """[B, H, Nq, slots]: the key blocks each query takes besides its own under
+    MoBA's gate (:func:`moba_select` without the own block), in int16 where the
+    block count allows (else long); empty slots hold -1.
+
+    The gate is computed for ``_GATE_ROWS`` queries at a time (cache-sized) and
+    the top blocks taken per run of queries sharing their own block: those
+    blocks' eligible blocks are the same (the past ones, causal; all but the
+    own one, non-causal), so no gate entry is masked, and a run with at most
+    ``slots`` eligible blocks takes them all without a top-k.
+    """
+    b, h, nq, _ = q.shape
     nk = k.shape[2]
     nkb = -(-nk // block)
-    centroids = repeat_kv(pool_blocks(k, block), h // k.shape[1])  # [B, H, nkb, D]
-    own = own_blocks(nq, nk, block, causal, q.device)  # [Nq]
-    sel_own = own.view(1, 1, nq, 1).expand(b, h, nq, 1)
-    if top_k == 1 or nkb == 1:
-        return sel_own
     n_other = min(top_k - 1, nkb - 1)
-    cols = torch.arange(nkb, device=q.device)
-    picks = []
+    dtype = torch.int16 if nkb < 2**15 else torch.long
+    other = torch.full((b, h, nq, max(0, n_other)), -1, dtype=dtype, device=q.device)
+    if n_other <= 0:
+        return other
+    own = own_blocks(nq, nk, block, causal, q.device)
+    values, counts = torch.unique_consecutive(own, return_counts=True)
+    runs, r0 = [], 0  # (first query, end, own block) of each run of one own block
+    for o, c in zip(values.tolist(), counts.tolist(), strict=True):
+        runs.append((r0, r0 + c, o))
+        r0 += c
     with torch.no_grad():
-        # rows of queries at a time, so that the gate stays cache-sized
-        for q0 in range(0, nq, _GATE_ROWS):
-            q1 = min(q0 + _GATE_ROWS, nq)
+        # block means, transposed once (the gate's product reads them contiguous)
+        means = repeat_kv(pool_blocks(k, block), h // k.shape[1]).transpose(-1, -2).contiguous()
+        for c0 in range(0, nq, _GATE_ROWS):
+            c1 = min(c0 + _GATE_ROWS, nq)
+            parts = [(max(r0, c0), min(r1, c1), o) for r0, r1, o in runs if r0 < c1 and r1 > c0]
             # causal: blocks from the chunk's last own block on are never eligible
-            hi = max(0, int(own[q1 - 1])) if causal else nkb
-            idx = torch.full((b, h, q1 - q0, n_other), -1, dtype=torch.long, device=q.device)
-            if hi > 0:
-                gate = q[:, :, q0:q1] @ centroids[:, :, :hi].transpose(-1, -2)  # [B, H, rows, hi]
-                mine = own[q0:q1, None]
-                gate.masked_fill_(cols[:hi] >= mine if causal else cols == mine, NEG_INF)
-                width = min(n_other, hi)
-                if width == 1:
-                    val, top = gate.max(dim=-1, keepdim=True)
+            hi = max(o for *_, o in parts) if causal else nkb
+            if hi <= 0:
+                continue
+            gate = q[:, :, c0:c1] @ means[..., :hi]  # [B, H, rows, hi]
+            for r0, r1, o in parts:
+                eligible = o if causal else nkb - 1
+                if eligible <= 0:
+                    continue
+                if eligible <= n_other:  # all of them
+                    cols = torch.arange(nkb, device=q.device)
+                    cols = cols[:o] if causal else cols[cols != o]
+                    other[:, :, r0:r1, :eligible] = cols.to(dtype)
+                    continue
+                g = gate[:, :, r0 - c0 : r1 - c0]
+                if causal:
+                    g = g[..., :o]
                 else:
-                    val, top = gate.topk(width, dim=-1)  # sorted: faster on CPU
-                idx[..., :width] = torch.where(torch.isinf(val), -1, top)
-            picks.append(idx)
-    idx = picks[0] if len(picks) == 1 else torch.cat(picks, dim=2)
-    return torch.cat([sel_own, idx], dim=-1)
+                    g[..., o] = NEG_INF
+                other[:, :, r0:r1] = g.topk(n_other, dim=-1, sorted=False).indices
+    return other
 
 
 def tiled_applies(q, k, v, *, block: int, mask) -> bool:
@@ -113,16 +144,14 @@ def _causal_bias(rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tens
     return bias.masked_fill_(c > r + cols - rows, NEG_INF)[None, None]
 
 
-def _tiles(q, k, sel, block: int, causal: bool):
-    """What the tiled forward and backward share: the head layout, the other blocks'
-    sort keys per head [B*H, slots, N] (the chosen block, in a narrow dtype: sorts
-    faster) and the own block's sub-blocks (their size and causal biases)."""
+def _tiles(q, k, other, block: int, causal: bool):
+    """What the tiled forward and backward share: the head layout, the other blocks
+    per head [B*H, N, slots] (from :func:`moba_others`) and the own block's
+    sub-blocks (their size and causal biases)."""
     b, h, n = q.shape[:3]
     hkv = k.shape[1]
     nb = n // block
-    slots = sel.shape[-1] - 1
-    key_dtype = torch.int16 if nb < 2**15 else torch.long
-    other = sel[..., 1:].reshape(b * h, n, slots).transpose(1, 2).to(key_dtype).contiguous()
+    other = other.reshape(b * h, n, other.shape[3])
     sub = _OWN_TILE if causal and block > _OWN_TILE and block % _OWN_TILE == 0 else block
     biases = [
         _causal_bias(sub, s0 + sub, q.dtype, q.device) if causal and s0 else None
@@ -131,20 +160,21 @@ def _tiles(q, k, sel, block: int, causal: bool):
     return b * h, nb, h, hkv, other, sub, biases
 
 
-def _pairs(chosen: torch.Tensor, n: int, nb: int):
-    """One head's chosen (slot, query) pairs [slots, N] sorted by key block: the
-    query of each pair [P] and the number of pairs per key block (a list)."""
-    flat = chosen.reshape(-1)  # slot-major: pair p is query p % N
-    order = flat.argsort()  # empty slots (-1) first
+def _pairs(chosen: torch.Tensor, nb: int):
+    """One head's chosen (query, slot) pairs [N, slots] sorted by key block (by
+    query within one): the flat index ``query * slots + slot`` of each pair [P]
+    and the number of pairs per key block (a list)."""
+    flat = chosen.reshape(-1)
+    order = flat.argsort(stable=True)  # empty slots (-1) first
     counts = torch.bincount(flat.long() + 1, minlength=nb + 1).tolist()
-    return order[counts[0] :] % n, counts[1:]
+    return order[counts[0] :], counts[1:]
 
 
-def tiled_moba(q, k, v, sel, *, block: int, scale: float, causal: bool, lse=None):
+def tiled_moba(q, k, v, other, *, block: int, scale: float, causal: bool, lse=None):
     """MoBA attention in torch's fused CPU flash kernel, head by head.
 
-    Inputs as :func:`tiled_applies` accepts; ``sel`` from :func:`moba_select`
-    (slot 0 the own block). One head at a time, so that every temporary is a
+    Inputs as :func:`tiled_applies` accepts; ``other`` from :func:`moba_others`
+    (the blocks besides the own one). One head at a time, so that every temporary is a
     few MiB (reused by malloc, never page-faulted afresh):
 
     - the own block: all blocks of the head in one call per sub-block;
@@ -152,7 +182,7 @@ def tiled_moba(q, k, v, sel, *, block: int, scale: float, causal: bool, lse=None
       each attending only the prefix of its block up to itself (the kernel
       computes whole tiles of up to 512 keys, masked or not), written
       straight into the output;
-    - the other blocks (:func:`_other_blocks`): the head's (slot, query)
+    - the other blocks (:func:`_other_blocks`): the head's (query, slot)
       choices sorted by key block, the queries gathered once in that order,
       and every query that chose key block j, in any slot, in one call
       against block j, read in place (no key gather); merged into the
@@ -163,19 +193,18 @@ def tiled_moba(q, k, v, sel, *, block: int, scale: float, causal: bool, lse=None
     """
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     b, _, n, d = q.shape
-    bh, nb, h, hkv, other, sub, biases = _tiles(q, k, sel, block, causal)
-    slots = other.shape[1]
+    bh, nb, h, hkv, other, sub, biases = _tiles(q, k, other, block, causal)
+    slots = other.shape[2]
     qh = q.reshape(bh, n, d)
     kb, vb = (x.reshape(b * hkv, nb, block, d) for x in (k, v))
     out = q.new_empty(bh, n, d)
-    # per head, reused: the own blocks' log-sum-exps; the queries in call order
-    # (then their results) and their log-sum-exps
+    # per head, reused: the own blocks' log-sum-exps; the merge's buffers
     own_lse = q.new_empty(nb, block)
-    sorted_q = q.new_empty(slots * n, d)
-    sorted_l = q.new_empty(slots * n)
+    merge = _Merge(q, slots, n) if slots else None
     for t in range(bh):
         kv = (t // h) * hkv + (t % h) // (h // hkv)
         qt, ot = qh[t].view(1, nb, block, d), out[t].view(nb, block, d)
+        owns = []  # (rows of each block, output [1, nb, rows, D]) per sub-block
         for i, s0 in enumerate(range(0, block, sub)):
             rs, keys = slice(s0, s0 + sub), slice(0, s0 + sub if causal else block)
             o1, l1 = flash(
@@ -187,93 +216,130 @@ def tiled_moba(q, k, v, sel, *, block: int, scale: float, causal: bool, lse=None
                 attn_mask=biases[i],
                 scale=scale,
             )
-            ot[:, rs] = o1[0]
+            owns.append((rs, o1))
             own_lse[:, rs] = l1[0]
+        w_own = None
         if slots:
-            _other_blocks(
-                flash,
-                qh[t],
-                kb[kv],
-                vb[kv],
-                other[t],
-                scale,
-                out[t],
-                own_lse.view(n),
-                sorted_q,
-                sorted_l,
+            w_own = _other_blocks(
+                flash, qh[t], kb[kv], vb[kv], other[t], scale, own_lse.view(n), merge
             )
+        for rs, o1 in owns:  # the own block's share, weighted where others merge in
+            if w_own is None:
+                ot[:, rs] = o1[0]
+            else:
+                torch.mul(o1[0], w_own.view(nb, block, 1)[:, rs], out=ot[:, rs])
+        if w_own is not None:
+            merge.add_others(out[t])
         if lse is not None:
             lse[t] = own_lse.view(n)
     return out.view(b, h, n, d)
 
 
-def _other_blocks(flash, q, kb, vb, chosen, scale, out, own_lse, sorted_q, sorted_l):
-    """One head's attention over the blocks other than its own, by key block,
-    merged into the own block's result.
+class _Merge:
+    """Buffers of :func:`_other_blocks`, reused from head to head: the gathered
+    queries (then their results) and log-sum-exps in call order, and, per
+    (query, slot), the log-sum-exp (then weight) and position in call order;
+    and the head's pending sum of the others' results (:meth:`add_others`)."""
 
-    ``q`` [N, D], ``kb``/``vb`` [nb, block, D], ``chosen`` [slots, N] (-1:
-    none), ``out`` [N, D] and ``own_lse`` [N]: the own block's output and
-    log-sum-exp. The chosen (slot, query) pairs are sorted by key block and
-    their queries gathered once in that order into ``sorted_q``; every
-    query that chose key block j, in any slot, is then one contiguous run
-    attending block j in one call, its result written over its queries.
-    Finally each query's results are merged by log-sum-exp: the own block's
-    output scaled in place, the others' weighted and added row by row;
-    ``own_lse`` becomes the log-sum-exp over all the query's keys.
+    def __init__(self, q: torch.Tensor, slots: int, n: int):
+        self.sorted_q = q.new_empty(slots * n, q.shape[-1])
+        self.sorted_l = q.new_empty(slots * n)
+        self.lse = q.new_empty(n, slots)
+        self.pos = torch.empty(n, slots, dtype=torch.long, device=q.device)
+        self.calls = torch.arange(slots * n, device=q.device)
+        self.crow = torch.arange(0, slots * n + 1, slots, device=q.device)
+        self.weights = None
+        self.results = None
+
+    def add_others(self, out: torch.Tensor) -> None:
+        """``out`` [N, D] += the pending weighted sum of the other blocks' results."""
+        out.addmm_(self.weights, self.results)
+        self.weights = self.results = None
+
+
+def _other_blocks(flash, q, kb, vb, chosen, scale, own_lse, merge):
+    """One head's attention over the blocks other than its own, by key block, and
+    the weights that merge it with the own block's result.
+
+    ``q`` [N, D], ``kb``/``vb`` [nb, block, D], ``chosen`` [N, slots] (-1:
+    none), ``own_lse`` [N]: the own block's log-sum-exp; ``merge`` a
+    :class:`_Merge`. The chosen (query, slot) pairs are sorted by key block
+    and their queries gathered once in that order; every query that chose key
+    block j, in any slot, is then one contiguous run attending block j in one
+    call (:func:`_attend_run`); the results are joined in call order.
+    Each query's results merge by log-sum-exp: the others' are weighted and
+    summed by one sparse [N, pairs] x [pairs, D] product (a query's row holds
+    the weights of its slots at their results' positions), left pending in
+    ``merge``; ``own_lse`` becomes the log-sum-exp over all the query's keys
+    and the own block's weight [N] is returned (None: no other block chosen).
     """
-    n = q.shape[0]
+    n, d = q.shape
     nb = kb.shape[0]
-    rows, counts = _pairs(chosen, n, nb)
-    pairs = rows.numel()
+    pair, counts = _pairs(chosen, nb)
+    pairs = pair.numel()
     if pairs == 0:
-        return
-    sq, sl = sorted_q[:pairs], sorted_l[:pairs]
-    torch.index_select(q, 0, rows, out=sq)
+        return None
+    sq, sl = merge.sorted_q[:pairs], merge.sorted_l[:pairs]
+    torch.index_select(q, 0, pair // chosen.shape[1], out=sq)
+    sq4 = sq.view(1, 1, pairs, d)
+    kb4, vb4 = (x.view(nb, 1, 1, -1, d) for x in (kb, vb))
+    outs, lses = [], []
     start = 0
     for j, count in enumerate(counts):
         if count:
-            _attend_run(flash, sq, sl, start, count, kb[j], vb[j], scale)
+            _attend_run(flash, sq4, start, count, kb4[j], vb4[j], scale, outs, lses)
             start += count
-    # weights against each query's largest log-sum-exp (the own block's is finite)
-    top = own_lse.scatter_reduce(0, rows, sl, reduce="amax")
-    w_own = (own_lse - top).exp_()
-    w = sl.sub_(top.index_select(0, rows)).exp_()
-    total = w_own.index_add(0, rows, w)
+    torch.cat(outs, out=sq)
+    torch.cat(lses, out=sl)
+    # weights against each query's largest log-sum-exp (the own block's is finite);
+    # an empty slot weighs 0 at position 0
+    lse, pos = merge.lse.fill_(NEG_INF), merge.pos.zero_()
+    lse.view(-1).index_copy_(0, pair, sl)
+    pos.view(-1).index_copy_(0, pair, merge.calls[:pairs])
+    top = torch.maximum(own_lse, lse.amax(dim=1))
+    w_own = own_lse.sub(top).exp_()
+    w = lse.sub_(top[:, None]).exp_()
+    total = w.sum(dim=1).add_(w_own)
     own_lse.copy_(top).add_(total.log())
-    out.mul_(w_own.div_(total)[:, None])
-    sq.mul_(w.div_(total.index_select(0, rows))[:, None])
-    out.index_add_(0, rows, sq)
+    total.reciprocal_()
+    vals = w.mul_(total[:, None]).view(-1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        merge.weights = torch.sparse_csr_tensor(
+            merge.crow, pos.view(-1), vals, (n, pairs), check_invariants=False
+        )
+    merge.results = sq
+    return w_own.mul_(total)
 
 
-def _attend_run(flash, sorted_q, sorted_l, start, count, kb, vb, scale):
-    """Rows ``start:start+count`` of ``sorted_q`` attend one key block [block, D]; the
-    result is written over them, the log-sum-exp into ``sorted_l``.
+def _attend_run(flash, sorted_q, start, count, kb, vb, scale, outs, lses):
+    """Rows ``start:start+count`` of ``sorted_q`` [1, 1, pairs, D] attend one key
+    block ``kb``/``vb`` [1, 1, block, D]; the result [count, D] and log-sum-exp
+    [count] are appended to ``outs`` and ``lses`` (in one or two pieces).
 
     A long run goes in as two halves (the batch of the call; for an odd count they
     share one row), so that the kernel's two threads get equal work: it splits
     a call into tiles of up to 256 queries and hands each thread a contiguous share
     of them, which for a single run leaves the last, short tile unbalanced.
     """
-    d = sorted_q.shape[1]
+    d = sorted_q.shape[-1]
     if count < _SPLIT_RUN:
-        span = slice(start, start + count)
-        o, lse = flash(sorted_q[None, None, span], kb[None, None], vb[None, None], scale=scale)
-        sorted_q[span] = o.view(count, d)
-        sorted_l[span] = lse.view(count)
+        o, lse = flash(sorted_q[:, :, start : start + count], kb, vb, scale=scale)
+        outs.append(o.view(count, d))
+        lses.append(lse.view(count))
         return
-    half, second = -(-count // 2), start + count // 2
+    half = -(-count // 2)
     offset = sorted_q.storage_offset() + start * d
-    q2 = sorted_q.as_strided((2, 1, half, d), ((second - start) * d, d, d, 1), offset)
-    k2, v2 = (x.expand(2, 1, *x.shape) for x in (kb, vb))
+    q2 = sorted_q.as_strided((2, 1, half, d), ((count // 2) * d, d, d, 1), offset)
+    k2, v2 = (x.expand(2, 1, -1, d) for x in (kb, vb))
     o, lse = flash(q2, k2, v2, scale=scale)  # o [2, 1, half, D], lse [2, 1, half]
-    sorted_q[start : start + half] = o[0, 0]
-    sorted_q[second : start + count] = o[1, 0]
-    sorted_l[start : start + half] = lse[0, 0]
-    sorted_l[second : start + count] = lse[1, 0]
+    skip = 2 * half - count  # the shared row, once
+    outs += [o[0, 0], o[1, 0, skip:]]
+    lses += [lse[0, 0], lse[1, 0, skip:]]
 
 
 def tiled_moba_backward(
-    q, k, v, sel, out, lse, grad_out, *, block: int, scale: float, causal: bool
+    q, k, v, other, out, lse, grad_out, *, block: int, scale: float, causal: bool
 ):
     """Gradients (dq, dk, dv) of :func:`tiled_moba`, by the same tiles.
 
@@ -284,7 +350,7 @@ def tiled_moba_backward(
     """
     bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     b, _, n, d = q.shape
-    bh, nb, h, hkv, other, sub, biases = _tiles(q, k, sel, block, causal)
+    bh, nb, h, hkv, other, sub, biases = _tiles(q, k, other, block, causal)
     qh, oh, gh = (x.reshape(bh, n, d) for x in (q, out, grad_out.contiguous()))
     kb, vb = (x.reshape(b * hkv, nb, block, d) for x in (k, v))
     dq = torch.zeros_like(qh)
@@ -310,11 +376,12 @@ def tiled_moba_backward(
             dqt[:, rs] += g_q[0]
             dk[kv, :, keys] += g_k[0]
             dv[kv, :, keys] += g_v[0]
-        if other.shape[1] == 0:
+        if other.shape[2] == 0:
             continue
-        rows, counts = _pairs(other[t], n, nb)
-        if rows.numel() == 0:
+        pair, counts = _pairs(other[t], nb)
+        if pair.numel() == 0:
             continue
+        rows = pair // other.shape[2]
         sq, so, sg = (x[t].index_select(0, rows) for x in (qh, oh, gh))
         sl = lse[t].index_select(0, rows)
         start = 0
@@ -345,19 +412,19 @@ class _TiledMoBA(torch.autograd.Function):
     """:func:`tiled_moba` forward, :func:`tiled_moba_backward` backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sel, block, scale, causal):
+    def forward(ctx, q, k, v, other, block, scale, causal):
         lse = q.new_empty(q.shape[0] * q.shape[1], q.shape[2])
-        out = tiled_moba(q, k, v, sel, block=block, scale=scale, causal=causal, lse=lse)
-        ctx.save_for_backward(q, k, v, sel, out, lse)
+        out = tiled_moba(q, k, v, other, block=block, scale=scale, causal=causal, lse=lse)
+        ctx.save_for_backward(q, k, v, other, out, lse)
         ctx.args = (block, scale, causal)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, sel, out, lse = ctx.saved_tensors
+        q, k, v, other, out, lse = ctx.saved_tensors
         block, scale, causal = ctx.args
         grads = tiled_moba_backward(
-            q, k, v, sel, out, lse, grad_out, block=block, scale=scale, causal=causal
+            q, k, v, other, out, lse, grad_out, block=block, scale=scale, causal=causal
         )
         return (*grads, None, None, None, None)
 
@@ -450,15 +517,16 @@ class MoBA(KVCacheDecode, Mechanism):
 
     def forward(self, q, k, v, *, causal=False, mask=None, scale=None):
         cfg = self.config
+        if cfg.form == "auto" and tiled_applies(q, k, v, block=cfg.block, mask=mask):
+            other = moba_others(q, k, block=cfg.block, top_k=cfg.top_k, causal=causal)
+            grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+            if grad:
+                return _TiledMoBA.apply(q, k, v, other, cfg.block, scale, causal)
+            return tiled_moba(q, k, v, other, block=cfg.block, scale=scale, causal=causal)
         sel = moba_select(q, k, block=cfg.block, top_k=cfg.top_k, causal=causal)
         if cfg.form == "flex":
             layout = selection_layout(sel, q.shape[2], k.shape[2], cfg.block, causal)
             return flex_block_attention(q, k, v, layout, scale=scale, mask=mask)
-        if cfg.form == "auto" and tiled_applies(q, k, v, block=cfg.block, mask=mask):
-            grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-            if grad:
-                return _TiledMoBA.apply(q, k, v, sel, cfg.block, scale, causal)
-            return tiled_moba(q, k, v, sel, block=cfg.block, scale=scale, causal=causal)
         out = token_block_attention(
             q,
             k,
