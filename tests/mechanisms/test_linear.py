@@ -194,6 +194,22 @@ def test_based_chunked_blocks_equal_parallel(window, chunk, grad, monkeypatch):
         torch.testing.assert_close(mech(q, k, v, causal=True), want)
 
 
+@pytest.mark.parametrize("window,chunk", [(6, 4), (3, 8), (16, 16)])
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "autograd"])
+def test_based_rows_together_equal_parallel(window, chunk, grad):
+    """A short sequence goes several (batch, kv head) rows in one block, each row's halo the
+    previous row's end (masked as no keys): GQA, a padded last chunk, D == Dv and D != Dv."""
+    gen = torch.Generator().manual_seed(1)
+    for dv in (8, 5):
+        q = torch.randn(3, 4, 21, 8, generator=gen, dtype=torch.float64)
+        k = torch.randn(3, 2, 21, 8, generator=gen, dtype=torch.float64)
+        v = torch.randn(3, 2, 21, dv, generator=gen, dtype=torch.float64)
+        q.requires_grad_(grad)
+        mech = attnlab.get("based", window=window, chunk=chunk, feature_dim=5)
+        want = mech.reference(q.detach(), k, v, causal=True, mask=None, scale=8**-0.5)
+        torch.testing.assert_close(mech(q, k, v, causal=True), want)
+
+
 def test_based_taylor_kernel():
     from attnlab.mechanisms.linear.based import taylor_features
 

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.core import Mechanism, Spec, register
-from attnlab.core.blocks import sliding_view
 from attnlab.core.checks import check_positive_int
 from attnlab.core.masks import repeat_kv
 from attnlab.core.scan import acc_dtype, block_plan, choose_chunk, orthogonal_gaussian
@@ -55,32 +54,70 @@ def taylor_feature_rows(xt: torch.Tensor) -> torch.Tensor:
 # (the scan's default is 32). Measured with C=64 at N=16384 (B1 H8 D64, min of 5 ms,
 # three rounds): 32 chunks 298, 320, 347; 64 chunks 266, 285, 276.
 BLOCK_CHUNKS = 64
+# The window bias of keys outside it (finite: see _block) and the smallest exponent taken.
+_FAR_BELOW = -1e30
+_EXP_FLOOR = -80.0
+# Chunks summed by one triangular product in the state's prefix sums.
+PREFIX_CHUNKS = 16
 
 
-def _padded(x: torch.Tensor, front: int, back: int) -> torch.Tensor:
-    """x [..., T, D] with ``front`` and ``back`` zero rows (x itself when there are none)."""
-    return F.pad(x, (0, 0, front, back)) if front or back else x
+def _chunk_features(x: torch.Tensor, proj2: torch.Tensor, tokens: int, query: bool, grad: bool):
+    """Taylor features of x [B·T, D] per chunk of T tokens, features as rows: [B, F, T].
+
+    ``proj2`` [D, 2d'] is the (scaled) projection twice side by side: one product gives y and
+    the second copy that the pair products read cyclically. Rows: 1, y, the squares y_i² (times
+    1/2 for queries), then the d'(d'-1)/2 products y_i·y_j (i != j) by cyclic offset,
+    y_i·y_(i+o mod d') for o = 1 .. (d'-1)//2, and y_i·y_(i+d'/2) (i < d'/2) for even d'. So
+    phi_q(x)·phi_k(x') = 1 + y·y' + (y·y')²/2, as :func:`taylor_features`, with a few whole-
+    chunk products (three multiplications) instead of one per feature; rows 0..d' are [1, y].
+    """
+    dp = proj2.shape[1] // 2
+    b = x.shape[0] // tokens
+    m, half = (dp - 1) // 2, (dp // 2 if dp % 2 == 0 else 0)
+    # [B, 2d', T] straight from one batched product (no transposed copy)
+    yy = torch.bmm(proj2.T.expand(b, -1, -1), x.view(b, tokens, -1).transpose(1, 2))
+    if grad:
+        y = yy[:, :dp]
+        cyc = yy.unfold(1, dp, 1)[:, 1 : m + 1].transpose(-1, -2)  # [B, m, d', T]: y_(i+o)
+        parts = [
+            torch.ones_like(y[:, :1]),
+            y,
+            y * y * (0.5 if query else 1.0),
+            (y[:, None] * cyc).reshape(b, m * dp, tokens),
+            y[:, :half] * y[:, half : 2 * half],
+        ]
+        return torch.cat(parts, dim=1)
+    y = yy[:, :dp]
+    out = x.new_empty(b, 1 + dp + dp * (dp + 1) // 2, tokens)
+    out[:, 0] = 1.0
+    out[:, 1 : dp + 1] = y
+    squares = torch.mul(y, y, out=out[:, dp + 1 : 2 * dp + 1])
+    if query:
+        squares.mul_(0.5)
+    if m:
+        cyc = yy.unfold(1, dp, 1)[:, 1 : m + 1].transpose(-1, -2)
+        pairs = out[:, 2 * dp + 1 : 2 * dp + 1 + m * dp].view(b, m, dp, tokens)
+        torch.mul(y[:, None], cyc, out=pairs)
+    if half:
+        torch.mul(y[:, :half], y[:, half:dp], out=out[:, out.shape[1] - half :])
+    return out
 
 
-def _windows(x: torch.Tensor, nb: int, c: int, span: int) -> torch.Tensor:
-    """Overlapping views [X, nb, span, D] of x [X, (nb + L)·C, D]: chunk c's window starts
-    at row c·C (the block engine's sliding view, no copy)."""
-    blocked = x.view(x.shape[0], 1, -1, c, x.shape[-1])
-    return sliding_view(blocked, 0, nb, span, c)[:, 0]
-
-
-def _window_softmax(q, k, v, bias, scale, grad):
-    """(softmax(q kᵀ·scale + bias) v, its log-sum-exp [..., 1]) over each chunk's window:
-    without autograd torch's fused CPU kernel (which returns the log-sum-exp; it needs
-    v as wide as q), else the same in plain operations."""
-    if not grad and q.device.type == "cpu" and v.shape[-1] == q.shape[-1]:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, attn_mask=bias, scale=scale
-        )[:2]
-        return out, lse[..., None]
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale + bias
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    return torch.matmul(torch.exp(s - lse), v), lse
+def _halo_buffer(x, r0, r1, t0, t1, halo, absent, tb, ones=False):
+    """Rows r0..r1 of x [R, N, E], tokens t0..t1 padded to tb, after a halo of the ``halo``
+    tokens before t0 of row r0 (its first ``absent`` before position 0): [H + X·tb, E] (E + 1
+    with a ones column, the normaliser's values). Rows of no key are zero (ones included)."""
+    x_, e = r1 - r0, x.shape[-1]
+    out = x.new_empty(halo + x_ * tb, e + int(ones))
+    out[:absent] = 0.0
+    out[absent:halo, :e] = x[r0, t0 - halo + absent : t0]
+    body = out[halo:].view(x_, tb, -1)
+    body[:, : t1 - t0, :e] = x[r0:r1, t0:t1]
+    if ones:
+        out[absent:, e] = 1.0
+    if tb > t1 - t0:
+        body[:, t1 - t0 :] = 0.0
+    return out
 
 
 @register
@@ -180,124 +217,187 @@ class Based(SeededDraws, Mechanism):
 
     # --- the forms ------------------------------------------------------------------------
 
-    def _lag_masks(self, c: int, dtype, device):
-        """Masks of a chunk's local keys, chunks c - L .. c for query chunk c (L = (W + C -
-        2) // C, the last lag that reaches into the window), by the distance d = i - j:
-        ``exact`` [C, (L + 1)·C] an additive bias, 0 where 0 <= d < W, -inf elsewhere; and
-        per lag l the [C, C] float mask of d >= W (the Taylor weights), None where a lag
-        has none."""
-        key = ("lag_masks", c, dtype, str(device))
+    def _local_masks(self, c: int, g: int, nb: int, front: int, dtype, device):
+        """Constant masks of a block of nb query chunks of C tokens (G query heads a chunk),
+        by the distance d = i - j of query i and key j, cached per shape. Over the span of
+        chunks c - L .. c: the window's additive bias [G·C, (L + 1)·C] (0 where 0 <= d < W,
+        _FAR_BELOW elsewhere) and its 0/1 mask. Per lag l <= L with keys beyond the window:
+        the Taylor mask of d >= W times 1/2 (the weight is (1 + t²)/2, t = 1 + s̃) [G·C, C].
+        The first ``front`` key chunks of the block's halo are no keys (before position 0, or
+        another row's): the masks of the chunks that reach them are [nb, G·C, *], with zeros.
+        """
+        key = (c, g, nb, front, dtype, str(device))
         if key not in self._masks:
             w = self.config.window
             lags = (w + c - 2) // c
             r = torch.arange(c, device=device)
-            dist = lags * c + r[:, None] - torch.arange((lags + 1) * c, device=device)[None, :]
-            exact = torch.zeros(dist.shape, dtype=dtype, device=device)
-            exact.masked_fill_((dist < 0) | (dist >= w), -math.inf)
+            span = torch.arange((lags + 1) * c, device=device)
+            dist = lags * c + r[:, None] - span[None, :]
+            inside = ((dist >= 0) & (dist < w)).to(dtype).repeat(g, 1)
+            bias = (1.0 - inside) * _FAR_BELOW
+            if front > 1:
+                inside = inside.expand(nb, -1, -1).clone()
+                for i in range(min(nb, front - 1)):
+                    inside[i, :, : (front - 1 - i) * c] = 0.0
             far = []
             for lag in range(lags + 1):
                 d = lag * c + r[:, None] - r[None, :]
-                far.append((d >= w).to(dtype) if bool((d >= w).any()) else None)
-            self._masks[key] = (exact, far)
+                if bool((d >= w).any()):
+                    half = ((d >= w).to(dtype) * 0.5).repeat(g, 1)
+                    absent = max(0, front - lags - 1 + lag)  # chunks whose lag-l keys are none
+                    if absent:
+                        half = half.expand(nb, -1, -1).clone()
+                        half[:absent] = 0.0
+                    far.append((lag, half))
+            if len(self._masks) > 32:
+                self._masks.clear()
+            self._masks[key] = (bias, inside, far)
+        return self._masks[key]
+
+    def _prefix_sums(self, kv: torch.Tensor) -> torch.Tensor:
+        """Inclusive prefix sums over the chunks of kv [X, nb, W]: products with a lower
+        triangle of ones, PREFIX_CHUNKS chunks at a time (a cumsum over the middle axis, or
+        an add per chunk, is several times slower; one nb x nb product grows as nb²)."""
+        nb = kv.shape[1]
+        if nb <= PREFIX_CHUNKS:
+            return torch.matmul(self._tril(nb, kv), kv)
+        states = torch.empty_like(kv)
+        for g0 in range(0, nb, PREFIX_CHUNKS):
+            g1 = min(nb, g0 + PREFIX_CHUNKS)
+            part = torch.matmul(self._tril(g1 - g0, kv), kv[:, g0:g1])
+            if g0:
+                part += states[:, g0 - 1 : g0]
+            states[:, g0:g1] = part
+        return states
+
+    def _tril(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        key = ("tril", n, like.dtype, str(like.device))
+        if key not in self._masks:
+            self._masks[key] = torch.ones(n, n, dtype=like.dtype, device=like.device).tril_()
         return self._masks[key]
 
     def _chunked(self, q, k, v, scale):
-        """The chunked causal form, blocks of C-token chunks per (batch, kv head).
+        """The chunked causal form: blocks of C-token chunks, several (batch, kv head) rows at
+        once when the whole sequence fits one block, else one row in blocks of tokens.
 
-        For query chunk c the keys of chunks c - L .. c are local: inside the window one
-        fused softmax over them gives the exact part and its log-sum-exp; beyond it (within
-        those chunks) the Taylor weights 1 + s̃ + s̃²/2 come from the d'-dim projections
-        (s̃ = q̃·k̃, no F-wide products). Older keys reach the query through the Taylor
-        state S = sum phi(k)ᵀ v, z = sum phi(k) entering chunk c - L (a [nb + 1, nb] prefix
-        product over a block's chunk states, as in :func:`attnlab.core.scan.causal_scan`).
-        The two halves meet as (a·exact + b·num) / (a + b·den), a = e^(lse - M), b = e^(-M),
-        M = max(0, lse). Grouped query heads share their kv head's chunks; nothing of size
-        N x N is built.
+        Keys reach query chunk c three ways, all weighted relative to M = max(0, the largest
+        window score). Those of chunks c - L .. c inside the window: e^(s - M), in one
+        [G·C, (L + 1)·C] score matrix over the span. Those of the same chunks beyond the
+        window: the Taylor weight (1 + t²)/2 · e^-M, t = [1, q̃]·[1, k̃] (= 1 + s̃ + s̃²/2,
+        from the d'-dim projections, no F-wide products), added into the same matrix. Older
+        ones: the Taylor state S = sum phi(k)ᵀ [v, 1] of the chunks before c - L (prefix sums
+        over the chunk states), read as phi(q) S · e^-M. The ones column of the values makes
+        every product give the normaliser beside the numerator: out = num / den. A block's
+        keys and values carry a halo of the L + 1 chunks before it, so every shifted operand
+        (the state's chunks, each lag, the windows) is a plain view with one batch stride,
+        even across rows (the halo of a row is then the previous row's end, masked as no
+        keys). Grouped query heads share their kv head's chunks; nothing of size N x N is
+        built.
         """
         b, hq, n, d = q.shape
         hk, dv = k.shape[1], v.shape[-1]
-        g, acc = hq // hk, q.dtype
+        g, acc, dev = hq // hk, q.dtype, q.device
         c = max(1, min(self.config.chunk or choose_chunk(n), n))
-        exact_bias, far_masks = self._lag_masks(c, acc, q.device)
-        lags, span = len(far_masks) - 1, exact_bias.shape[-1]
-        rows_bias = exact_bias if g == 1 else exact_bias.repeat(g, 1)  # [G·C, span]
+        lags = (self.config.window + c - 2) // c
+        halo = (lags + 1) * c
         fdim = self.feature_dim(d)
         proj = self.projection(d)
-        proj = torch.eye(d, dtype=acc, device=q.device) if proj is None else proj.to(q.device, acc)
-        proj = proj * scale**0.5
+        proj = torch.eye(d, dtype=acc, device=dev) if proj is None else proj.to(dev, acc)
+        proj2 = torch.cat([proj, proj], dim=1) * scale**0.5
         rows = b * hk
-        per_token = g * max(fdim, span, dv)
-        block, group = block_plan(n, c, per_token, rows, q.device, max_chunks=BLOCK_CHUNKS)
+        per_token = g * (2 * fdim + dv)  # the query and key features and the values
+        block, group = block_plan(n, c, per_token, rows, dev, max_chunks=BLOCK_CHUNKS)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         q, k, v = q.reshape(rows, g, n, d), k.reshape(rows, n, d), v.reshape(rows, n, dv)
-        out = torch.empty(rows, g, n, dv, dtype=acc, device=q.device)
-        prefix = {}
+        out = torch.empty(rows, g, n, dv, dtype=acc, device=dev)
         for r0 in range(0, rows, group):
             r1 = min(r0 + group, rows)
             x = r1 - r0
-            state = torch.zeros(x, 1, fdim * dv, dtype=acc, device=q.device)
-            norm = torch.zeros(x, 1, fdim, dtype=acc, device=q.device)
+            carry = None  # the Taylor state of the keys before the block's halo
             for t0 in range(0, n, block):
                 t1 = min(t0 + block, n)
                 nb = -(-(t1 - t0) // c)
-                pad = nb * c - (t1 - t0)
-                k0 = max(0, t0 - lags * c)
-                front = lags * c - (t0 - k0)  # keys before position 0: whole chunks of zeros
-                qb = _padded(q[r0:r1, :, t0:t1], 0, pad)
-                qb = qb.view(x, g, nb, c, d).transpose(1, 2).reshape(x, nb, g * c, d)
-                kb = _padded(k[r0:r1, k0:t1], front, pad)  # [X, (nb + L)·C, D]
-                vb = _padded(v[r0:r1, k0:t1], front, pad)
-                # the window: one softmax per chunk over its L + 1 chunks of keys (views)
-                bias = rows_bias
-                if front:  # the first chunks' keys before position 0 are no keys
-                    bias = bias.expand(1, nb, g * c, span).clone()
-                    for chunk in range(min(nb, front // c)):
-                        bias[:, chunk, :, : front - chunk * c] = -math.inf
-                near, lse = _window_softmax(
-                    qb, *(_windows(x_, nb, c, span) for x_ in (kb, vb)), bias, scale, grad
-                )
-                # the Taylor weights: the state of the keys before chunk c - L, then the
-                # local keys beyond the window (features as rows: [.., F, C])
-                vb = vb.view(x, nb + lags, c, dv)
-                q_small = (qb @ proj).view(x * nb, g * c, -1)  # the d'-dim Taylor arguments
-                k_small = (kb @ proj).view(x, nb + lags, c, -1).transpose(-1, -2).contiguous()
-                fk = taylor_feature_rows(k_small[:, :nb])  # the keys that enter the state here
-                if front:  # chunks before position 0 stay out of the state (keys past the
-                    fk[:, : front // c] = 0.0  # end only reach the final, unused state)
-                if nb not in prefix:
-                    prefix[nb] = torch.ones(nb + 1, nb, dtype=acc, device=q.device).tril_(-1)
-                kv = torch.matmul(fk, vb[:, :nb])  # [X, nb, F, Dv]
-                states = torch.matmul(prefix[nb], kv.view(x, nb, -1)).add_(state)
-                norms = torch.matmul(prefix[nb], fk.sum(-1)).add_(norm)
-                state, norm = states[:, nb:], norms[:, nb:]
-                fq = taylor_feature_rows(q_small.transpose(-1, -2).contiguous())
-                fq = fq.transpose(-1, -2)  # [X*nb, G·C, F]
-                num = torch.bmm(fq, states[:, :nb].reshape(x * nb, fdim, dv))
-                den = torch.bmm(fq, norms[:, :nb].reshape(x * nb, fdim, 1))
-                skip = front // c  # padding chunks: lag l reaches them from chunks < skip - L + l
-                for lag, far_mask in enumerate(far_masks):
-                    if far_mask is None:
-                        continue
-                    keys = slice(lags - lag, lags - lag + nb)
-                    st = torch.bmm(q_small, k_small[:, keys].reshape(x * nb, -1, c))
-                    weight = torch.addcmul(st, st, st, value=0.5).add_(1.0)
-                    weight = weight.view(x, nb, g, c, c).mul_(far_mask)
-                    if skip - lags + lag > 0:
-                        weight[:, : skip - lags + lag] = 0.0
-                    weight = weight.view(x * nb, g * c, c)
-                    num = num.baddbmm(weight, vb[:, keys].reshape(x * nb, c, dv))
-                    den = den + weight.sum(-1, keepdim=True)
-                lse = lse.reshape(x * nb, g * c, 1)
-                top = lse.clamp_min(0.0)
-                near_w = torch.exp(lse - top)
-                far_w = torch.exp(-top)
-                total = near_w + far_w * den
-                res = torch.addcmul(
-                    near.reshape(x * nb, g * c, dv) * (near_w / total), num, far_w / total
-                )
-                res = res.view(x, nb, g, c, dv).transpose(1, 2).reshape(x, g, nb * c, dv)
-                out[r0:r1, :, t0:t1] = res[:, :, : t1 - t0]
+                tb = nb * c
+                front = max(0, halo - t0) // c  # halo chunks before position 0
+                # keys, values and a ones column (the normaliser) with the halo: [H + X·tb]
+                if x == 1 and not front and tb == t1 - t0:
+                    kb = k[r0, t0 - halo : t1]
+                else:
+                    kb = _halo_buffer(k, r0, r1, t0, t1, halo, front * c, tb)
+                vb = _halo_buffer(v, r0, r1, t0, t1, halo, front * c, tb, ones=True)
+                if g == 1 and tb == t1 - t0:
+                    qb = q[r0:r1, 0, t0:t1].reshape(x * tb, d)
+                else:
+                    qp = F.pad(q[r0:r1, :, t0:t1], (0, 0, 0, tb - (t1 - t0)))
+                    qb = qp.view(x, g, nb, c, d).transpose(1, 2).reshape(x * tb * g, d)
+                res = self._block(qb, kb, vb, x, nb, c, g, front, carry, proj2, scale, grad)
+                num, den, carry = res
+                num, den = num.view(x, nb, g, c, dv), den.view(x, nb, g, c, 1)
+                if grad or tb != t1 - t0:
+                    o = (num / den).transpose(1, 2).reshape(x, g, tb, dv)
+                    out[r0:r1, :, t0:t1] = o[:, :, : t1 - t0]
+                else:  # straight into the output
+                    o = out[r0:r1, :, t0:t1].view(x, g, nb, c, dv).transpose(1, 2)
+                    torch.div(num, den, out=o)
         return out.view(b, hq, n, dv)
+
+    def _block(self, qb, kb, vb, x, nb, c, g, front, carry, proj2, scale, grad):
+        """One block of X rows x nb chunks: queries qb [X·nb·G·C, D] (chunk by chunk, the G
+        heads of a chunk together), keys kb [H + X·nb·C, D] and values with a ones column vb
+        [H + X·nb·C, Dv + 1], H = (L + 1)·C halo rows first. Returns the numerator and the
+        normaliser [X·nb, G·C, Dv | 1], both scaled by e^-M, and the state that leaves the
+        block."""
+        d, dv, gc = qb.shape[-1], vb.shape[-1] - 1, g * c
+        lags = kb.shape[0] // c - x * nb - 1
+        span, dp = (lags + 1) * c, proj2.shape[1] // 2
+        bias, inside, far = self._local_masks(c, g, nb, front, qb.dtype, qb.device)
+        fq = _chunk_features(qb, proj2, gc, True, grad)  # [X·nb, F, G·C]
+        fk = _chunk_features(kb, proj2, c, False, grad)  # [L + 1 + X·nb, F, C]
+        fdim = fq.shape[1]
+        # the state entering chunk i: the key chunks up to i - L - 1 (halo chunk i and before)
+        kv = torch.bmm(fk[: x * nb], vb[: x * nb * c].view(x * nb, c, dv + 1))
+        kv = kv.view(x, nb, fdim * (dv + 1))
+        kv[:, :front] = 0.0  # (in place on a product's output: autograd allows it)
+        if carry is not None:
+            kv[:, 0] += carry[:, 0]
+        states = self._prefix_sums(kv)
+        carry = states[:, nb - 1 :]
+        # the window's scores over chunks c - L .. c (overlapping views, one batch stride)
+        kw = kb.as_strided((x * nb, d, span), (c * d, 1, d), kb.storage_offset() + c * d)
+        vw = vb.as_strided(
+            (x * nb, span, dv + 1), (c * (dv + 1), dv + 1, 1), vb.storage_offset() + c * (dv + 1)
+        )
+        s = torch.baddbmm(bias, qb.view(x * nb, gc, d), kw, alpha=scale)  # [X·nb, G·C, span]
+        for i in range(min(nb, front - 1)):  # keys before position 0 (or another row's)
+            s.view(x, nb, gc, span)[:, i, :, : (front - 1 - i) * c] = _FAR_BELOW
+        top = s.amax(-1, keepdim=True).clamp_min(0.0)  # M = max(0, the largest score)
+        # exp of arguments >= -80 (e^-80 = 2e-35, then masked to 0): torch's exp takes a
+        # ~10x slower path for -inf or very negative arguments, and products slow down
+        # on subnormal weights
+        if grad:
+            weight = torch.exp((s - top).clamp_min(_EXP_FLOOR)).view(-1, *inside.shape)
+            weight = (weight * inside).view(x * nb, gc, span)
+        else:
+            weight = s.sub_(top).clamp_min_(_EXP_FLOOR).exp_()
+            weight.view(-1, *inside.shape).mul_(inside)
+        shrink = torch.exp(-top)  # e^-M: the Taylor weights' share
+        # keys of the window's chunks beyond the window: (1 + t²)/2, t = [1, q̃]·[1, k̃]
+        fqt = fq.transpose(1, 2)  # [X·nb, G·C, F]
+        for lag, half in far:
+            first = lags + 1 - lag
+            t = torch.bmm(fqt[..., : dp + 1], fk[first : first + x * nb, : dp + 1])
+            taylor = torch.addcmul(t.new_ones(()), t, t).view(x, nb, gc, c) * half
+            taylor = taylor.view(x * nb, gc, c)
+            cols = ((lags - lag) * c, span - (lags - lag + 1) * c)
+            if grad:
+                weight = weight + F.pad(taylor * shrink, cols)
+            else:
+                weight[..., cols[0] : span - cols[1]].addcmul_(taylor, shrink)
+        # the state's share, then the window's keys (the ones column sums the weights)
+        nd = torch.bmm(fqt, states.view(x * nb, fdim, dv + 1))
+        nd = nd * shrink if grad else nd.mul_(shrink)
+        nd = nd.baddbmm(weight, vw) if grad else nd.baddbmm_(weight, vw)
+        return nd[..., :dv], nd[..., dv:], carry
 
     def _attend(self, q, k, v, scale, form):
         acc = acc_dtype(q)
