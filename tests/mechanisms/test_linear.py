@@ -210,6 +210,20 @@ def test_based_rows_together_equal_parallel(window, chunk, grad):
         torch.testing.assert_close(mech(q, k, v, causal=True), want)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "autograd"])
+def test_based_many_chunks_equal_parallel(batch, grad):
+    """More chunks in a block than one triangular product sums (the state's prefix sums go
+    in groups): one row a block (in place) and two rows (copied)."""
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(batch, 2, 45, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(batch, 1, 45, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    q.requires_grad_(grad)
+    mech = attnlab.get("based", window=3, chunk=2, feature_dim=4)
+    want = mech.reference(q.detach(), k, v, causal=True, mask=None, scale=8**-0.5)
+    torch.testing.assert_close(mech(q, k, v, causal=True), want)
+
+
 def test_based_taylor_kernel():
     from attnlab.mechanisms.linear.based import taylor_features
 

@@ -61,21 +61,23 @@ _EXP_FLOOR = -80.0
 PREFIX_CHUNKS = 16
 
 
-def _chunk_features(x: torch.Tensor, proj2: torch.Tensor, tokens: int, query: bool, grad: bool):
-    """Taylor features of x [B·T, D] per chunk of T tokens, features as rows: [B, F, T].
+def _chunk_projections(x: torch.Tensor, proj2: torch.Tensor, tokens: int) -> torch.Tensor:
+    """x [B·T, D] projected per chunk of T tokens by ``proj2`` [D, 2d'] (the scaled projection
+    twice side by side): [B, 2d', T] = y and its copy, from one batched product."""
+    b = x.shape[0] // tokens
+    return torch.bmm(proj2.T.expand(b, -1, -1), x.view(b, tokens, -1).transpose(1, 2))
 
-    ``proj2`` [D, 2d'] is the (scaled) projection twice side by side: one product gives y and
-    the second copy that the pair products read cyclically. Rows: 1, y, the squares y_i² (times
-    1/2 for queries), then the d'(d'-1)/2 products y_i·y_j (i != j) by cyclic offset,
+
+def _chunk_features(yy: torch.Tensor, query: bool, grad: bool) -> torch.Tensor:
+    """Taylor features of the projections yy [B, 2d', T] (:func:`_chunk_projections`), as
+    rows: [B, F, T]. Rows: 1, y, the squares y_i² (times 1/2 for queries), then the
+    d'(d'-1)/2 products y_i·y_j (i != j) by cyclic offset (read from the copy of y),
     y_i·y_(i+o mod d') for o = 1 .. (d'-1)//2, and y_i·y_(i+d'/2) (i < d'/2) for even d'. So
     phi_q(x)·phi_k(x') = 1 + y·y' + (y·y')²/2, as :func:`taylor_features`, with a few whole-
-    chunk products (three multiplications) instead of one per feature; rows 0..d' are [1, y].
+    chunk products (three multiplications) instead of one per feature.
     """
-    dp = proj2.shape[1] // 2
-    b = x.shape[0] // tokens
+    b, dp, tokens = yy.shape[0], yy.shape[1] // 2, yy.shape[2]
     m, half = (dp - 1) // 2, (dp // 2 if dp % 2 == 0 else 0)
-    # [B, 2d', T] straight from one batched product (no transposed copy)
-    yy = torch.bmm(proj2.T.expand(b, -1, -1), x.view(b, tokens, -1).transpose(1, 2))
     if grad:
         y = yy[:, :dp]
         cyc = yy.unfold(1, dp, 1)[:, 1 : m + 1].transpose(-1, -2)  # [B, m, d', T]: y_(i+o)
@@ -88,7 +90,7 @@ def _chunk_features(x: torch.Tensor, proj2: torch.Tensor, tokens: int, query: bo
         ]
         return torch.cat(parts, dim=1)
     y = yy[:, :dp]
-    out = x.new_empty(b, 1 + dp + dp * (dp + 1) // 2, tokens)
+    out = yy.new_empty(b, 1 + dp + dp * (dp + 1) // 2, tokens)
     out[:, 0] = 1.0
     out[:, 1 : dp + 1] = y
     squares = torch.mul(y, y, out=out[:, dp + 1 : 2 * dp + 1])
@@ -264,7 +266,13 @@ class Based(SeededDraws, Mechanism):
         states = torch.empty_like(kv)
         for g0 in range(0, nb, PREFIX_CHUNKS):
             g1 = min(nb, g0 + PREFIX_CHUNKS)
-            part = torch.matmul(self._tril(g1 - g0, kv), kv[:, g0:g1])
+            tril, part = self._tril(g1 - g0, kv), states[:, g0:g1]
+            if part.is_contiguous() and not kv.requires_grad:  # one row: straight in place
+                torch.matmul(tril, kv[:, g0:g1], out=part)
+                if g0:
+                    part += states[:, g0 - 1 : g0]
+                continue
+            part = torch.matmul(tril, kv[:, g0:g1])
             if g0:
                 part += states[:, g0 - 1 : g0]
             states[:, g0:g1] = part
@@ -351,17 +359,35 @@ class Based(SeededDraws, Mechanism):
         lags = kb.shape[0] // c - x * nb - 1
         span, dp = (lags + 1) * c, proj2.shape[1] // 2
         bias, inside, far = self._local_masks(c, g, nb, front, qb.dtype, qb.device)
-        fq = _chunk_features(qb, proj2, gc, True, grad)  # [X·nb, F, G·C]
-        fk = _chunk_features(kb, proj2, c, False, grad)  # [L + 1 + X·nb, F, C]
-        fdim = fq.shape[1]
+        yq = _chunk_projections(qb, proj2, gc)  # [X·nb, 2d', G·C]
+        yk = _chunk_projections(kb, proj2, c)  # [L + 1 + X·nb, 2d', C]
+        # keys of the window's chunks beyond the window: (1 + t²)/2, t = [1, q̃]·[1, k̃]
+        # (first, and each temporary dropped when done: a smaller working set)
+        taylors = []
+        for lag, half in far:
+            first = lags + 1 - lag
+            yk_l = yk[first : first + x * nb, :dp]
+            t = torch.baddbmm(yq.new_ones(()), yq[:, :dp].transpose(1, 2), yk_l)
+            if grad:
+                taylor = (t * t + 1.0).view(x, nb, gc, c) * half
+            else:
+                taylor = t.mul_(t).add_(1.0).view(x, nb, gc, c).mul_(half)
+            taylors.append((lag, taylor.view(x * nb, gc, c)))
         # the state entering chunk i: the key chunks up to i - L - 1 (halo chunk i and before)
+        fk = _chunk_features(yk, False, grad)  # [L + 1 + X·nb, F, C]
+        fdim = fk.shape[1]
         kv = torch.bmm(fk[: x * nb], vb[: x * nb * c].view(x * nb, c, dv + 1))
+        del fk
         kv = kv.view(x, nb, fdim * (dv + 1))
         kv[:, :front] = 0.0  # (in place on a product's output: autograd allows it)
         if carry is not None:
             kv[:, 0] += carry[:, 0]
         states = self._prefix_sums(kv)
+        del kv
         carry = states[:, nb - 1 :]
+        fq = _chunk_features(yq, True, grad)  # [X·nb, F, G·C]
+        nd = torch.bmm(fq.transpose(1, 2), states.view(x * nb, fdim, dv + 1))
+        del fq, states
         # the window's scores over chunks c - L .. c (overlapping views, one batch stride)
         kw = kb.as_strided((x * nb, d, span), (c * d, 1, d), kb.storage_offset() + c * d)
         vw = vb.as_strided(
@@ -381,20 +407,13 @@ class Based(SeededDraws, Mechanism):
             weight = s.sub_(top).clamp_min_(_EXP_FLOOR).exp_()
             weight.view(-1, *inside.shape).mul_(inside)
         shrink = torch.exp(-top)  # e^-M: the Taylor weights' share
-        # keys of the window's chunks beyond the window: (1 + t²)/2, t = [1, q̃]·[1, k̃]
-        fqt = fq.transpose(1, 2)  # [X·nb, G·C, F]
-        for lag, half in far:
-            first = lags + 1 - lag
-            t = torch.bmm(fqt[..., : dp + 1], fk[first : first + x * nb, : dp + 1])
-            taylor = torch.addcmul(t.new_ones(()), t, t).view(x, nb, gc, c) * half
-            taylor = taylor.view(x * nb, gc, c)
+        for lag, taylor in taylors:
             cols = ((lags - lag) * c, span - (lags - lag + 1) * c)
             if grad:
                 weight = weight + F.pad(taylor * shrink, cols)
             else:
                 weight[..., cols[0] : span - cols[1]].addcmul_(taylor, shrink)
         # the state's share, then the window's keys (the ones column sums the weights)
-        nd = torch.bmm(fqt, states.view(x * nb, fdim, dv + 1))
         nd = nd * shrink if grad else nd.mul_(shrink)
         nd = nd.baddbmm(weight, vw) if grad else nd.baddbmm_(weight, vw)
         return nd[..., :dv], nd[..., dv:], carry
