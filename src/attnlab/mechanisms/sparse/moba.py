@@ -96,14 +96,17 @@ def moba_others(q, k, *, block: int, top_k: int, causal: bool) -> torch.Tensor:
     with torch.no_grad():
         # block means, transposed once (the gate's product reads them contiguous)
         means = repeat_kv(pool_blocks(k, block), h // k.shape[1]).transpose(-1, -2).contiguous()
+        means = means.reshape(b * h, -1, nkb)
+        buf = q.new_empty(b * h * min(nq, _GATE_ROWS) * nkb)  # the gate, reused
         for c0 in range(0, nq, _GATE_ROWS):
             c1 = min(c0 + _GATE_ROWS, nq)
             parts = [(max(r0, c0), min(r1, c1), o) for r0, r1, o in runs if r0 < c1 and r1 > c0]
             # causal: blocks from the chunk's last own block on are never eligible
-            hi = max(o for *_, o in parts) if causal else nkb
-            if hi <= 0:
+            if causal and max(o for *_, o in parts) <= 0:
                 continue
-            gate = q[:, :, c0:c1] @ means[..., :hi]  # [B, H, rows, hi]
+            gate = buf[: b * h * (c1 - c0) * nkb].view(b * h, c1 - c0, nkb)
+            torch.bmm(q[:, :, c0:c1].reshape(b * h, c1 - c0, -1), means, out=gate)
+            gate = gate.view(b, h, c1 - c0, nkb)
             for r0, r1, o in parts:
                 eligible = o if causal else nkb - 1
                 if eligible <= 0:
@@ -162,12 +165,13 @@ def _tiles(q, k, other, block: int, causal: bool):
 
 def _pairs(chosen: torch.Tensor, nb: int):
     """One head's chosen (query, slot) pairs [N, slots] sorted by key block (by
-    query within one): the flat index ``query * slots + slot`` of each pair [P]
-    and the number of pairs per key block (a list)."""
+    query within one): the flat index ``query * slots + slot`` of each pair,
+    empty slots first, and the number of empty slots followed by the number of
+    pairs per key block (a list)."""
     flat = chosen.reshape(-1)
     order = flat.argsort(stable=True)  # empty slots (-1) first
     counts = torch.bincount(flat.long() + 1, minlength=nb + 1).tolist()
-    return order[counts[0] :], counts[1:]
+    return order, counts
 
 
 def tiled_moba(q, k, v, other, *, block: int, scale: float, causal: bool, lse=None):
@@ -266,7 +270,7 @@ def _other_blocks(flash, q, kb, vb, chosen, scale, own_lse, merge):
     :class:`_Merge`. The chosen (query, slot) pairs are sorted by key block
     and their queries gathered once in that order; every query that chose key
     block j, in any slot, is then one contiguous run attending block j in one
-    call (:func:`_attend_run`); the results are joined in call order.
+    call (:func:`_attend_run`), its result written over its queries.
     Each query's results merge by log-sum-exp: the others' are weighted and
     summed by one sparse [N, pairs] x [pairs, D] product (a query's row holds
     the weights of its slots at their results' positions), left pending in
@@ -275,27 +279,25 @@ def _other_blocks(flash, q, kb, vb, chosen, scale, own_lse, merge):
     """
     n, d = q.shape
     nb = kb.shape[0]
-    pair, counts = _pairs(chosen, nb)
+    order, counts = _pairs(chosen, nb)
+    empty, pair, counts = order[: counts[0]], order[counts[0] :], counts[1:]
     pairs = pair.numel()
     if pairs == 0:
         return None
     sq, sl = merge.sorted_q[:pairs], merge.sorted_l[:pairs]
     torch.index_select(q, 0, pair // chosen.shape[1], out=sq)
-    sq4 = sq.view(1, 1, pairs, d)
-    kb4, vb4 = (x.view(nb, 1, 1, -1, d) for x in (kb, vb))
-    outs, lses = [], []
-    start = 0
-    for j, count in enumerate(counts):
+    # views made in one call each: the runs (queries, log-sum-exps), the key blocks
+    runs_q = sq.view(1, 1, pairs, d).split(counts, dim=2)
+    runs_l = sl.view(1, 1, pairs).split(counts, dim=2)
+    keys, values = (x.view(nb, 1, 1, -1, d).unbind(0) for x in (kb, vb))
+    for count, qj, lj, kj, vj in zip(counts, runs_q, runs_l, keys, values, strict=True):
         if count:
-            _attend_run(flash, sq4, start, count, kb4[j], vb4[j], scale, outs, lses)
-            start += count
-    torch.cat(outs, out=sq)
-    torch.cat(lses, out=sl)
+            _attend_run(flash, qj, lj, kj, vj, scale)
     # weights against each query's largest log-sum-exp (the own block's is finite);
     # an empty slot weighs 0 at position 0
-    lse, pos = merge.lse.fill_(NEG_INF), merge.pos.zero_()
-    lse.view(-1).index_copy_(0, pair, sl)
-    pos.view(-1).index_copy_(0, pair, merge.calls[:pairs])
+    lse, pos = merge.lse, merge.pos
+    lse.view(-1).index_copy_(0, pair, sl).index_fill_(0, empty, NEG_INF)
+    pos.view(-1).index_copy_(0, pair, merge.calls[:pairs]).index_fill_(0, empty, 0)
     top = torch.maximum(own_lse, lse.amax(dim=1))
     w_own = own_lse.sub(top).exp_()
     w = lse.sub_(top[:, None]).exp_()
@@ -312,30 +314,29 @@ def _other_blocks(flash, q, kb, vb, chosen, scale, own_lse, merge):
     return w_own.mul_(total)
 
 
-def _attend_run(flash, sorted_q, start, count, kb, vb, scale, outs, lses):
-    """Rows ``start:start+count`` of ``sorted_q`` [1, 1, pairs, D] attend one key
-    block ``kb``/``vb`` [1, 1, block, D]; the result [count, D] and log-sum-exp
-    [count] are appended to ``outs`` and ``lses`` (in one or two pieces).
+def _attend_run(flash, q, lse, kb, vb, scale):
+    """One run of queries ``q`` [1, 1, count, D] attends one key block ``kb``/``vb``
+    [1, 1, block, D]; the result is written over ``q`` (while still in cache), the
+    log-sum-exp into ``lse`` [1, 1, count].
 
     A long run goes in as two halves (the batch of the call; for an odd count they
     share one row), so that the kernel's two threads get equal work: it splits
     a call into tiles of up to 256 queries and hands each thread a contiguous share
     of them, which for a single run leaves the last, short tile unbalanced.
     """
-    d = sorted_q.shape[-1]
+    count, d = q.shape[2:]
     if count < _SPLIT_RUN:
-        o, lse = flash(sorted_q[:, :, start : start + count], kb, vb, scale=scale)
-        outs.append(o.view(count, d))
-        lses.append(lse.view(count))
+        o, l1 = flash(q, kb, vb, scale=scale)
+        q.copy_(o)
+        lse.copy_(l1)
         return
-    half = -(-count // 2)
-    offset = sorted_q.storage_offset() + start * d
-    q2 = sorted_q.as_strided((2, 1, half, d), ((count // 2) * d, d, d, 1), offset)
-    k2, v2 = (x.expand(2, 1, -1, d) for x in (kb, vb))
-    o, lse = flash(q2, k2, v2, scale=scale)  # o [2, 1, half, D], lse [2, 1, half]
-    skip = 2 * half - count  # the shared row, once
-    outs += [o[0, 0], o[1, 0, skip:]]
-    lses += [lse[0, 0], lse[1, 0, skip:]]
+    half, second = -(-count // 2), count // 2
+    q2 = q.as_strided((2, 1, half, d), (second * d, d, d, 1))
+    o, l2 = flash(q2, kb.expand(2, 1, -1, d), vb.expand(2, 1, -1, d), scale=scale)
+    q[:, :, :half].copy_(o[:1])  # o [2, 1, half, D], l2 [2, 1, half]
+    q[:, :, second:].copy_(o[1:])
+    lse[:, :, :half].copy_(l2[:1])
+    lse[:, :, second:].copy_(l2[1:])
 
 
 def tiled_moba_backward(
@@ -378,7 +379,8 @@ def tiled_moba_backward(
             dv[kv, :, keys] += g_v[0]
         if other.shape[2] == 0:
             continue
-        pair, counts = _pairs(other[t], nb)
+        order, counts = _pairs(other[t], nb)
+        pair, counts = order[counts[0] :], counts[1:]
         if pair.numel() == 0:
             continue
         rows = pair // other.shape[2]
