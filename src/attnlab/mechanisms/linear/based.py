@@ -50,9 +50,14 @@ def taylor_feature_rows(xt: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# Chunks per block: based's per-block work is many small products, so fewer, larger blocks
-# (the scan's default is 32). Measured with C=64 at N=16384 (B1 H8 D64, min of 5 ms,
-# three rounds): 32 chunks 298, 320, 347; 64 chunks 266, 285, 276.
+# Chunks per block at most, and the block's size by the floats per token of its largest
+# temporaries (the query and key features and the values, 2F + Dv; the scan's budget of
+# floats). Measured 2026-11-22 (B1 H8 D64 float32 causal, C=64, medians of interleaved runs
+# in one process; the VM is noisy, SDPA 9.5 ms at N=1024 in the same runs): at N=1024 the
+# budget gives 2 (batch, head) rows a block; 1 row 14.6 ms, 2 rows 12.3-13.6, 4 rows 17.4, all 8
+# rows 23.7 (larger blocks leave the cache, every pass costs memory traffic); C=32 28.6,
+# C=64 23.0, C=128 36.0 (another run, SDPA 11.8). At N=16384 (one row a block) 22, 44 (the
+# budget) and 64 chunks a block: 258, 248, 235 ms, no significant difference.
 BLOCK_CHUNKS = 64
 # The window bias of keys outside it (finite: see _block) and the smallest exponent taken.
 _FAR_BELOW = -1e30
