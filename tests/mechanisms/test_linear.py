@@ -224,6 +224,18 @@ def test_based_many_chunks_equal_parallel(batch, grad):
     torch.testing.assert_close(mech(q, k, v, causal=True), want)
 
 
+def test_based_strided_inputs(monkeypatch):
+    """Queries, keys and values that are slices of one packed tensor (row stride 3·D), in
+    blocks of tokens (the keys of a block are then not a plain view)."""
+    monkeypatch.setattr("attnlab.core.scan._BLOCK_ELEMENTS", 300)
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(1, 2, 29, 24, generator=gen, dtype=torch.float64)
+    q, k, v = qkv.split(8, dim=-1)
+    mech = attnlab.get("based", window=5, chunk=3, feature_dim=4)
+    want = mech.reference(q, k, v, causal=True, mask=None, scale=8**-0.5)
+    torch.testing.assert_close(mech(q, k, v, causal=True), want)
+
+
 def test_based_taylor_kernel():
     from attnlab.mechanisms.linear.based import taylor_features
 

@@ -333,8 +333,8 @@ class Based(SeededDraws, Mechanism):
                 tb = nb * c
                 front = max(0, halo - t0) // c  # halo chunks before position 0
                 # keys, values and a ones column (the normaliser) with the halo: [H + X·tb]
-                if x == 1 and not front and tb == t1 - t0:
-                    kb = k[r0, t0 - halo : t1]
+                if x == 1 and not front and tb == t1 - t0 and k[r0].is_contiguous():
+                    kb = k[r0, t0 - halo : t1]  # (the windows are views with a row stride D)
                 else:
                     kb = _halo_buffer(k, r0, r1, t0, t1, halo, front * c, tb)
                 vb = _halo_buffer(v, r0, r1, t0, t1, halo, front * c, tb, ones=True)
