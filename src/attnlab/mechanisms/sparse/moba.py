@@ -185,12 +185,12 @@ def tiled_moba(q, k, v, other, *, block: int, scale: float, causal: bool, lse=No
       under the causal rule cut into sub-blocks of ``_OWN_TILE`` queries,
       each attending only the prefix of its block up to itself (the kernel
       computes whole tiles of up to 512 keys, masked or not), written
-      straight into the output;
+      straight into the output, scaled by its log-sum-exp weight;
     - the other blocks (:func:`_other_blocks`): the head's (query, slot)
       choices sorted by key block, the queries gathered once in that order,
       and every query that chose key block j, in any slot, in one call
-      against block j, read in place (no key gather); merged into the
-      output by log-sum-exp.
+      against block j, read in place (no key gather); added to the output
+      by their log-sum-exp weights in one sparse product.
 
     ``lse`` [B*H, N], if given, receives each query's log-sum-exp over all
     its keys (what the backward needs).
