@@ -177,6 +177,21 @@ def test_based_with_window_over_everything_is_softmax():
         torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
 
 
+def _based_matches_reference(q, k, v, **config):
+    """based's chunked output equals its dense definition (``reference``) on these inputs."""
+    mech = attnlab.get("based", **config)
+    want = mech.reference(q.detach(), k, v, causal=True, mask=None, scale=q.shape[-1] ** -0.5)
+    torch.testing.assert_close(mech(q, k, v, causal=True), want)
+
+
+def _qkv(gen, batch, heads, kv_heads, n, dv, grad):
+    """float64 q [B, H, N, 8] (requiring grad if asked), k [B, Hkv, N, 8], v [B, Hkv, N, Dv]."""
+    q = torch.randn(batch, heads, n, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(batch, kv_heads, n, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(batch, kv_heads, n, dv, generator=gen, dtype=torch.float64)
+    return q.requires_grad_(grad), k, v
+
+
 @pytest.mark.parametrize("window,chunk", [(6, 4), (3, 8), (1, 5), (16, 16)])
 @pytest.mark.parametrize("grad", [False, True], ids=["fused", "autograd"])
 def test_based_chunked_blocks_equal_parallel(window, chunk, grad, monkeypatch):
@@ -185,13 +200,8 @@ def test_based_chunked_blocks_equal_parallel(window, chunk, grad, monkeypatch):
     monkeypatch.setattr("attnlab.core.scan._BLOCK_ELEMENTS", 300)
     gen = torch.Generator().manual_seed(0)
     for dv in (8, 5):
-        q = torch.randn(2, 4, 37, 8, generator=gen, dtype=torch.float64)
-        k = torch.randn(2, 2, 37, 8, generator=gen, dtype=torch.float64)
-        v = torch.randn(2, 2, 37, dv, generator=gen, dtype=torch.float64)
-        q.requires_grad_(grad)
-        mech = attnlab.get("based", window=window, chunk=chunk, feature_dim=4)
-        want = mech.reference(q.detach(), k, v, causal=True, mask=None, scale=8**-0.5)
-        torch.testing.assert_close(mech(q, k, v, causal=True), want)
+        q, k, v = _qkv(gen, 2, 4, 2, 37, dv, grad)
+        _based_matches_reference(q, k, v, window=window, chunk=chunk, feature_dim=4)
 
 
 @pytest.mark.parametrize("window,chunk", [(6, 4), (3, 8), (16, 16)])
@@ -201,13 +211,8 @@ def test_based_rows_together_equal_parallel(window, chunk, grad):
     previous row's end (masked as no keys): GQA, a padded last chunk, D == Dv and D != Dv."""
     gen = torch.Generator().manual_seed(1)
     for dv in (8, 5):
-        q = torch.randn(3, 4, 21, 8, generator=gen, dtype=torch.float64)
-        k = torch.randn(3, 2, 21, 8, generator=gen, dtype=torch.float64)
-        v = torch.randn(3, 2, 21, dv, generator=gen, dtype=torch.float64)
-        q.requires_grad_(grad)
-        mech = attnlab.get("based", window=window, chunk=chunk, feature_dim=5)
-        want = mech.reference(q.detach(), k, v, causal=True, mask=None, scale=8**-0.5)
-        torch.testing.assert_close(mech(q, k, v, causal=True), want)
+        q, k, v = _qkv(gen, 3, 4, 2, 21, dv, grad)
+        _based_matches_reference(q, k, v, window=window, chunk=chunk, feature_dim=5)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -216,12 +221,8 @@ def test_based_many_chunks_equal_parallel(batch, grad):
     """More chunks in a block than one triangular product sums (the state's prefix sums go
     in groups): one row a block (in place) and two rows (copied)."""
     gen = torch.Generator().manual_seed(2)
-    q = torch.randn(batch, 2, 45, 8, generator=gen, dtype=torch.float64)
-    k, v = (torch.randn(batch, 1, 45, 8, generator=gen, dtype=torch.float64) for _ in range(2))
-    q.requires_grad_(grad)
-    mech = attnlab.get("based", window=3, chunk=2, feature_dim=4)
-    want = mech.reference(q.detach(), k, v, causal=True, mask=None, scale=8**-0.5)
-    torch.testing.assert_close(mech(q, k, v, causal=True), want)
+    q, k, v = _qkv(gen, batch, 2, 1, 45, 8, grad)
+    _based_matches_reference(q, k, v, window=3, chunk=2, feature_dim=4)
 
 
 def test_based_strided_inputs(monkeypatch):
@@ -231,9 +232,7 @@ def test_based_strided_inputs(monkeypatch):
     gen = torch.Generator().manual_seed(3)
     qkv = torch.randn(1, 2, 29, 24, generator=gen, dtype=torch.float64)
     q, k, v = qkv.split(8, dim=-1)
-    mech = attnlab.get("based", window=5, chunk=3, feature_dim=4)
-    want = mech.reference(q, k, v, causal=True, mask=None, scale=8**-0.5)
-    torch.testing.assert_close(mech(q, k, v, causal=True), want)
+    _based_matches_reference(q, k, v, window=5, chunk=3, feature_dim=4)
 
 
 def test_based_taylor_kernel():
