@@ -201,3 +201,26 @@ def test_gradient_pieces_equal_dense_gradients(monkeypatch, piece_bytes, causal)
     assert any(p[2] is not None for p in seen_pieces), "no band read in place"
     assert any(p[3] is not None for p in seen_pieces), "nothing gathered"
     assert any(p[6] is not None for p in seen_pieces), "no query that sees nothing"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_pieces_in_low_precision(dtype):
+    """float32 and bfloat16 gradients of the trainable path (key and value gradients
+    summed over pieces in float32) within the dtype's tolerance of the fp64 ones."""
+    n, heads = 40, 2
+    mech = attnlab.get("window", window=9, block=4, form="torch")
+    q, k, v = (torch.randn(1, heads, n, 16) for _ in range(3))
+    low = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+    ref = [x.double().requires_grad_() for x in (q, k, v)]
+    got = mech(*low, causal=True)
+    want = reference_attention(*ref, mask=_dense(mech, n, n, True, heads))
+    g = torch.randn(want.shape, dtype=torch.float64)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+    for a, b in zip(
+        torch.autograd.grad(got, low, g.to(dtype)),
+        torch.autograd.grad(want, ref, g),
+        strict=True,
+    ):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol)

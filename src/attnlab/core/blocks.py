@@ -15,8 +15,10 @@ that the same function serves both paths.
   read in place through strided views) and attends them with the fused
   ``scaled_dot_product_attention`` (batched matmul, online softmax, a
   backward on every device), the token mask as an additive bias; small
-  chunks use explicit matmuls. It never builds an N x N tensor: scores
-  exist only for the gathered blocks.
+  chunks use explicit matmuls. With gradients on CPU (no user mask, equal
+  key and value widths) one autograd function computes it piece by piece
+  with the fused flash kernel's forward and backward (:class:`_BlockPieces`).
+  It never builds an N x N tensor: scores exist only for the gathered blocks.
 - :func:`flex_block_attention`: ``torch.nn.attention.flex_attention`` compiled
   by ``torch.compile`` with a ``BlockMask`` built from the same layout (cached
   on the layout; below ``FLEX_COMPILE_MIN_PAIRS`` it runs uncompiled).
@@ -471,7 +473,11 @@ def torch_block_attention(
     [bq, S*bk] bias serves them all. Without gradients the results are
     written into one preallocated output, and gathers are cut into pieces
     of about ``_GATHER_BYTES``, small enough for the allocator to reuse (a
-    fresh large buffer is page-faulted on first touch).
+    fresh large buffer is page-faulted on first touch). With gradients on CPU
+    (no user mask, equal key and value widths) :class:`_BlockPieces` computes
+    it: the fused flash kernel's forward and backward per piece, whose key and
+    value gradients it adds back into their blocks (autograd's backward of the
+    overlapping band views was several times slower than the attention's).
     """
     b, hq, nq, _ = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -765,6 +771,7 @@ class _BlockPieces(torch.autograd.Function):
         return result
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         q, k, v, _ = ctx.saved_tensors
@@ -775,8 +782,10 @@ class _BlockPieces(torch.autograd.Function):
         qb, kb, vb = _blocked(q, nqb, block), _blocked(k, nkb, block), _blocked(v, nkb, block)
         gb = _blocked(grad, nqb, block)
         dq = torch.empty_like(qb)
-        dk = kb.new_zeros(b, hkv, nkb, block, d)
-        dvb = vb.new_zeros(b, hkv, nkb, block, dv)
+        # half precision: the pieces' key and value gradients add up in float32
+        acc = torch.float32 if k.dtype in (torch.float16, torch.bfloat16) else k.dtype
+        dk = kb.new_zeros(b, hkv, nkb, block, d, dtype=acc)
+        dvb = vb.new_zeros(b, hkv, nkb, block, dv, dtype=acc)
         for c0, c1, start, rows, used, bias, seen in ctx.pieces:
             kg, vg = _piece_keys(kb, vb, c0, c1, start, rows, used, b * hq)
             g = gb[:, :, c0:c1].flatten(0, 1)
@@ -796,8 +805,8 @@ class _BlockPieces(torch.autograd.Function):
             )
             dq[:, :, c0:c1].copy_(g_q.unflatten(0, (b, hq)))
             if start is None:
-                dk.view(-1, block, d).index_add_(0, rows, g_k.reshape(-1, block, d))
-                dvb.view(-1, block, dv).index_add_(0, rows, g_v.reshape(-1, block, dv))
+                dk.view(-1, block, d).index_add_(0, rows, g_k.reshape(-1, block, d).to(acc))
+                dvb.view(-1, block, dv).index_add_(0, rows, g_v.reshape(-1, block, dv).to(acc))
                 continue
             # query block c0 + i read key blocks start + i ... start + i + used - 1:
             # add them back row by row or slot by slot, whichever takes fewer adds
@@ -812,8 +821,8 @@ class _BlockPieces(torch.autograd.Function):
                 dk[:, :, start + j : start + j + c1 - c0] += g_k[:, :, :, j]
                 dvb[:, :, start + j : start + j + c1 - c0] += g_v[:, :, :, j]
         dq = dq.view(b, hq, nqb * block, d)[:, :, :nq]
-        dk = dk.view(b, hkv, nkb * block, d)[:, :, :nk]
-        dvb = dvb.view(b, hkv, nkb * block, dv)[:, :, :nk]
+        dk = dk.view(b, hkv, nkb * block, d)[:, :, :nk].to(k.dtype)
+        dvb = dvb.view(b, hkv, nkb * block, dv)[:, :, :nk].to(v.dtype)
         return dq, dk, dvb, None, None, None, None
 
 
