@@ -156,9 +156,10 @@ def test_joined_runs_with_padded_further_blocks_equal_dense(monkeypatch, causal)
 @pytest.mark.parametrize("causal", [False, True])
 def test_gradient_pieces_equal_dense_gradients(monkeypatch, piece_bytes, causal):
     """The trainable path (fused kernel forward and backward per piece, bands read
-    through sliding views, other blocks gathered): output and dq, dk, dv equal the
-    dense reference's, with partial last blocks, cross shapes with queries that see
-    nothing, fewer key heads, one block per piece and whole runs per piece."""
+    through sliding views, other blocks gathered, a band and further blocks merged by
+    their log-sum-exps): output and dq, dk, dv equal the dense reference's, with
+    partial last blocks, cross shapes with queries that see nothing, fewer key heads,
+    one block per piece and whole runs per piece."""
     for size in ("_GRAD_BYTES", "_BAND_BYTES", "_GATHER_BYTES"):
         monkeypatch.setattr(blocks, size, piece_bytes)
     seen_pieces = []
@@ -177,6 +178,7 @@ def test_gradient_pieces_equal_dense_gradients(monkeypatch, piece_bytes, causal)
         ("window", {"window": 6, "block": 4}, 30, 18, 4),
         ("neighborhood", {"kernel": 11, "block": 4}, 42, 42, 4),
         ("blocksparse", {"local": 2, "global_blocks": 1, "random": 1, "block": 4}, 26, 26, 2),
+        ("blocksparse", {"local": 2, "global_blocks": 1, "random": 2, "block": 4}, 38, 38, 4),
     ]
     for name, config, n, nk, kv_heads in cases:
         mech = attnlab.get(name, **config, form="torch")
@@ -197,10 +199,13 @@ def test_gradient_pieces_equal_dense_gradients(monkeypatch, piece_bytes, causal)
             strict=True,
         ):
             torch.testing.assert_close(a, b)
-    assert any(p[2] is not None and p[1] - p[0] > 1 for p in seen_pieces) == (piece_bytes > 1)
-    assert any(p[2] is not None for p in seen_pieces), "no band read in place"
-    assert any(p[3] is not None for p in seen_pieces), "nothing gathered"
-    assert any(p[6] is not None for p in seen_pieces), "no query that sees nothing"
+    parts = [part for piece in seen_pieces for part in piece[2]]
+    bands = [p for p in seen_pieces if p[2][0][0] is not None]
+    assert any(p[1] - p[0] > 1 for p in bands) == (piece_bytes > 1)
+    assert bands, "no band read in place"
+    assert any(part[1] is not None for part in parts), "nothing gathered"
+    assert any(len(p[2]) == 2 for p in seen_pieces), "no band merged with further blocks"
+    assert any(p[3] is not None for p in seen_pieces), "no query that sees nothing"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -566,13 +566,14 @@ def _grad_pieces(layout: BlockLayout, b: int, hq: int, hkv: int, d: int, dtype: 
 
     A run that is a sliding band (and shares no key heads) is read through sliding
     views; consecutive such runs that continue each other under the same shared
-    mask are joined. Other runs gather their blocks, with the run's token mask as a
-    bias. Forward pieces hold about ``_BAND_BYTES`` of output (bands) or
-    ``_GATHER_BYTES`` of gathered keys and values; backward pieces about
-    ``_GRAD_BYTES`` of keys and values, as large as the key and value gradients the
-    kernel returns per piece (smaller pieces measured faster there, larger ones in
-    the forward: window at N=16384, 8 vs 32 MiB: backward ~10% faster, forward ~15%
-    slower).
+    mask are joined. A run that :meth:`BlockLayout.band_split` splits is a band read
+    in place plus gathered further blocks (two parts merged by their log-sum-exps).
+    Other runs gather their blocks, with the run's token mask as a bias. Forward
+    pieces hold about ``_BAND_BYTES`` of band output and ``_GATHER_BYTES`` of
+    gathered keys and values; backward pieces about ``_GRAD_BYTES`` of keys and
+    values, as large as the key and value gradients the kernel returns per piece
+    (smaller pieces measured faster there, larger ones in the forward: window at
+    N=16384, 8 vs 32 MiB: backward ~10% faster, forward ~15% slower).
     """
     sizes = (_BAND_BYTES, _GATHER_BYTES, _GRAD_BYTES)
 
@@ -581,13 +582,23 @@ def _grad_pieces(layout: BlockLayout, b: int, hq: int, hkv: int, d: int, dtype: 
         bs, nkb = layout.block, layout.k_blocks
         bi = torch.arange(b, device=device).view(b, 1, 1, 1)
         hi = (torch.arange(hq, device=device) // (hq // hkv)).view(1, hq, 1, 1)
-        item = torch.empty((), dtype=dtype).element_size()
+        per_block = b * hq * bs * d * torch.empty((), dtype=dtype).element_size()
+
+        def gathered(idx):
+            return ((bi * hkv + hi) * nkb + idx).flatten()
+
+        if hq == hkv:
+            runs = layout.band_runs(b * hq, dtype)
+        else:
+            runs = [(*run, None) for run in layout.runs(b * hq)]
         segments = []
-        for r0, r1, used, plain, all_seen in layout.runs(b * hq):
-            start = layout.sliding_start(r0, r1, used) if hq == hkv else None
-            shared = None if plain else layout.shared_bias(r0, r1, used, dtype)
+        for r0, r1, used, plain, all_seen, split in runs:
+            start = None
+            if split is None and hq == hkv:
+                start = layout.sliding_start(r0, r1, used)
+            shared = None if plain or split is not None else layout.shared_bias(r0, r1, used, dtype)
             if segments and start is not None and (plain or shared is not None):
-                p0, p1, pstart, pused, pplain, pshared, _ = segments[-1]
+                p0, p1, pstart, pused, pplain, pshared, _, _ = segments[-1]
                 if (
                     pstart is not None
                     and pused == used
@@ -595,23 +606,40 @@ def _grad_pieces(layout: BlockLayout, b: int, hq: int, hkv: int, d: int, dtype: 
                     and pplain == plain
                     and (plain or (pshared is not None and torch.equal(pshared, shared)))
                 ):
-                    segments[-1] = (p0, r1, pstart, used, plain, pshared, True)
+                    segments[-1] = (p0, r1, pstart, used, plain, pshared, True, None)
                     continue
-            segments.append((r0, r1, start, used, plain, shared, all_seen))
+            segments.append((r0, r1, start, used, plain, shared, all_seen, split))
 
         def cut(band_bytes, kv_bytes):
             pieces = []
-            for r0, r1, start, used, plain, shared, all_seen in segments:
-                step = kv_bytes // (b * hq * bs * 2 * d * item * used)
+            for r0, r1, start, used, plain, shared, all_seen, split in segments:
+                if split is not None:
+                    first, width, band_bias, extra, extra_bias = split
+                    e = extra.shape[-1]
+                    if band_bytes:
+                        step = min(band_bytes // per_block, kv_bytes // (2 * per_block * max(e, 1)))
+                    else:
+                        step = kv_bytes // (2 * per_block * (width + e))
+                    for c0 in range(r0, r1, max(1, step)):
+                        c1 = min(c0 + max(1, step), r1)
+                        parts = [(first + c0 - r0, None, width, band_bias)]
+                        if e > 0:
+                            hide = extra_bias
+                            if hide is not None:
+                                hide = _per_row(hide[:, :, c0 - r0 : c1 - r0], b, hq)
+                            rows = gathered(extra[:, :, c0 - r0 : c1 - r0])
+                            parts.append((None, rows, e, hide))
+                        pieces.append((c0, c1, tuple(parts), None))
+                    continue
+                step = kv_bytes // (2 * per_block * used)
                 if start is not None and band_bytes:
-                    step = band_bytes // (b * hq * bs * d * item)
+                    step = band_bytes // per_block
                 step = max(1, step)
                 for c0 in range(r0, r1, step):
                     c1 = min(c0 + step, r1)
                     rows, first, bias, seen = None, None, None, None
                     if start is None:
-                        idx = layout.kv_indices[:, :, c0:c1, :used]
-                        rows = ((bi * hkv + hi) * nkb + idx).flatten()
+                        rows = gathered(layout.kv_indices[:, :, c0:c1, :used])
                     else:
                         first = start + c0 - r0
                     if shared is not None:
@@ -621,7 +649,7 @@ def _grad_pieces(layout: BlockLayout, b: int, hq: int, hkv: int, d: int, dtype: 
                         bias = _per_row(run_bias[:, :, c0 - r0 : c1 - r0], b, hq)
                         if not all_seen:
                             seen = _per_row(run_seen[:, :, c0 - r0 : c1 - r0], b, hq).to(dtype)
-                    pieces.append((c0, c1, first, rows, used, bias, seen))
+                    pieces.append((c0, c1, ((first, rows, used, bias),), seen))
             return pieces
 
         return cut(_BAND_BYTES, _GATHER_BYTES), cut(0, _GRAD_BYTES)
@@ -734,17 +762,19 @@ class _BlockPieces(torch.autograd.Function):
     """Block-sparse attention over planned pieces, with a backward by the fused kernel.
 
     ``pieces`` (of the forward; ``backward_pieces`` of the backward, which cover the
-    same query blocks): (c0, c1, start, rows, used, bias, seen) per piece of query blocks
-    c0..c1: their keys are the sliding band of ``used`` blocks from key block
-    ``start`` + i for query block c0 + i (a strided view, no copy), or, where
-    ``start`` is None, the blocks ``rows`` of the flattened [B·Hkv·Nk/bk] key
-    blocks (gathered). ``bias`` is the additive token mask (None: all visible),
-    ``seen`` zeroes queries that see nothing. The forward keeps each piece's
-    log-sum-exps; the backward runs the CPU flash kernel's backward piece by
-    piece and adds the key and value gradients of the band (``used`` shifted
-    slices) or of the gathered blocks (index_add) into their blocks. What autograd
-    would do for the strided views instead (a generic as_strided backward) cost
-    several times the attention's own backward.
+    same query blocks): (c0, c1, parts, seen) per piece of query blocks c0..c1, each
+    part (start, rows, used, bias): keys that are the sliding band of ``used`` blocks
+    from key block ``start`` + i for query block c0 + i (a strided view, no copy),
+    or, where ``start`` is None, the blocks ``rows`` of the flattened [B·Hkv·Nk/bk]
+    key blocks (gathered, ``used`` per query block); ``bias`` is the part's additive
+    token mask (None: all visible). Two parts (a band and further blocks) are merged
+    by their log-sum-exps. ``seen`` zeroes queries that see nothing. The forward
+    keeps the log-sum-exps; the backward runs the CPU flash kernel's backward per
+    piece and part with the merged output and log-sum-exp (so the parts' gradients
+    add up to the whole softmax's) and adds the key and value gradients back into
+    their blocks: ``used`` shifted slices for a band, index_add for gathered blocks.
+    What autograd does for strided views instead (a generic as_strided backward)
+    cost several times the attention's own backward.
     """
 
     @staticmethod
@@ -757,9 +787,19 @@ class _BlockPieces(torch.autograd.Function):
         out = q.new_empty(b, hq, nqb, block, dv)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         lse = torch.empty(b * hq, nqb, block, dtype=acc, device=q.device)
-        for c0, c1, start, rows, used, bias, seen in pieces:
-            kg, vg = _piece_keys(kb, vb, c0, c1, start, rows, used, b * hq)
-            o, lse_piece = flash(qb[:, :, c0:c1].flatten(0, 1), kg, vg, attn_mask=bias, scale=scale)
+        for c0, c1, parts, seen in pieces:
+            qp = qb[:, :, c0:c1].flatten(0, 1)
+            o, lse_piece = None, None
+            for start, rows, used, bias in parts:
+                kg, vg = _piece_keys(kb, vb, c0, c1, start, rows, used, b * hq)
+                o_part, lse_part = flash(qp, kg, vg, attn_mask=bias, scale=scale)
+                if o is None:
+                    o, lse_piece = o_part, lse_part
+                    continue
+                # o = o_part + (o - o_part)·sigmoid(lse - lse_part), in float32 at least
+                w = torch.sigmoid(lse_piece - lse_part).unsqueeze(-1)
+                o = torch.lerp(o_part.to(w.dtype), o.to(w.dtype), w)
+                lse_piece = torch.logaddexp(lse_piece, lse_part)
             if seen is not None:
                 o = o * seen
             out[:, :, c0:c1].copy_(o.unflatten(0, (b, hq)))
@@ -786,40 +826,45 @@ class _BlockPieces(torch.autograd.Function):
         acc = torch.float32 if k.dtype in (torch.float16, torch.bfloat16) else k.dtype
         dk = kb.new_zeros(b, hkv, nkb, block, d, dtype=acc)
         dvb = vb.new_zeros(b, hkv, nkb, block, dv, dtype=acc)
-        for c0, c1, start, rows, used, bias, seen in ctx.pieces:
-            kg, vg = _piece_keys(kb, vb, c0, c1, start, rows, used, b * hq)
+        for c0, c1, parts, seen in ctx.pieces:
             g = gb[:, :, c0:c1].flatten(0, 1)
             if seen is not None:
                 g = g * seen
-            g_q, g_k, g_v = bwd(
-                g,
-                qb[:, :, c0:c1].flatten(0, 1),
-                kg,
-                vg,
-                out[:, :, c0:c1].flatten(0, 1),
-                lse[:, c0:c1],
-                0.0,
-                False,
-                attn_mask=bias,
-                scale=ctx.scale,
-            )
-            dq[:, :, c0:c1].copy_(g_q.unflatten(0, (b, hq)))
-            if start is None:
-                dk.view(-1, block, d).index_add_(0, rows, g_k.reshape(-1, block, d).to(acc))
-                dvb.view(-1, block, dv).index_add_(0, rows, g_v.reshape(-1, block, dv).to(acc))
-                continue
-            # query block c0 + i read key blocks start + i ... start + i + used - 1:
-            # add them back row by row or slot by slot, whichever takes fewer adds
-            g_k = g_k.view(b, hq, c1 - c0, used, block, d)
-            g_v = g_v.view(b, hq, c1 - c0, used, block, dv)
-            if c1 - c0 <= used:
-                for i in range(c1 - c0):
-                    dk[:, :, start + i : start + i + used] += g_k[:, :, i]
-                    dvb[:, :, start + i : start + i + used] += g_v[:, :, i]
-                continue
-            for j in range(used):
-                dk[:, :, start + j : start + j + c1 - c0] += g_k[:, :, :, j]
-                dvb[:, :, start + j : start + j + c1 - c0] += g_v[:, :, :, j]
+            for p, (start, rows, used, bias) in enumerate(parts):
+                kg, vg = _piece_keys(kb, vb, c0, c1, start, rows, used, b * hq)
+                g_q, g_k, g_v = bwd(
+                    g,
+                    qb[:, :, c0:c1].flatten(0, 1),
+                    kg,
+                    vg,
+                    out[:, :, c0:c1].flatten(0, 1),
+                    lse[:, c0:c1],
+                    0.0,
+                    False,
+                    attn_mask=bias,
+                    scale=ctx.scale,
+                )
+                g_q = g_q.unflatten(0, (b, hq))
+                if p == 0:
+                    dq[:, :, c0:c1].copy_(g_q)
+                else:
+                    dq[:, :, c0:c1] += g_q
+                if start is None:
+                    dk.view(-1, block, d).index_add_(0, rows, g_k.reshape(-1, block, d).to(acc))
+                    dvb.view(-1, block, dv).index_add_(0, rows, g_v.reshape(-1, block, dv).to(acc))
+                    continue
+                # query block c0 + i read key blocks start + i ... start + i + used - 1:
+                # add them back row by row or slot by slot, whichever takes fewer adds
+                g_k = g_k.view(b, hq, c1 - c0, used, block, d)
+                g_v = g_v.view(b, hq, c1 - c0, used, block, dv)
+                if c1 - c0 <= used:
+                    for i in range(c1 - c0):
+                        dk[:, :, start + i : start + i + used] += g_k[:, :, i]
+                        dvb[:, :, start + i : start + i + used] += g_v[:, :, i]
+                    continue
+                for j in range(used):
+                    dk[:, :, start + j : start + j + c1 - c0] += g_k[:, :, :, j]
+                    dvb[:, :, start + j : start + j + c1 - c0] += g_v[:, :, :, j]
         dq = dq.view(b, hq, nqb * block, d)[:, :, :nq]
         dk = dk.view(b, hkv, nkb * block, d)[:, :, :nk].to(k.dtype)
         dvb = dvb.view(b, hkv, nkb * block, dv)[:, :, :nk].to(v.dtype)
