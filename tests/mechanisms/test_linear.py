@@ -298,11 +298,16 @@ def test_fit_exponent_and_crossover():
     assert scaling._crossover(ns, [0.5, 0.6, 0.9])[0] is None
 
 
-def test_bench_scaling_and_decode_run():
+def test_bench_scaling_and_decode_run(monkeypatch):
+    from attnlab.bench import memory
+
+    steady = []  # every timing loop first puts the allocator in its steady state
+    monkeypatch.setattr(memory, "reuse_freed_blocks", lambda: steady.append(True))
     res = scaling.run_scaling(
         ["linear"], [64, 128], sdpa_max=128, heads=2, head_dim=8, repeats=1, fit_range=(64, 128)
     )
     assert res[0].ms[0] > 0 and res[0].speedup[1] is not None and res[0].exponent is not None
+    assert len(steady) == 2  # one timing loop per N
     dec = scaling.run_decode(["linear", "softmax"], [8, 32], heads=2, head_dim=8, repeats=2)
     assert dec[0].state_floats[0] == dec[0].state_floats[1]
     assert dec[1].state_floats[1] > dec[1].state_floats[0]

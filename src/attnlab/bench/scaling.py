@@ -27,6 +27,8 @@ import torch.nn.functional as F
 import attnlab
 from attnlab.core.scan import causal_scan
 
+from . import memory
+
 Progress = Callable[[str], None] | None
 
 
@@ -37,7 +39,10 @@ def _timed(fn: Callable[[], object]) -> float:
 
 
 def _repeats(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """ms of each call over ``repeats``, after one warm-up, interleaved repeat by repeat."""
+    """ms of each call over ``repeats``, after one warm-up, interleaved repeat by repeat,
+    with the allocator in its steady state (:func:`memory.reuse_freed_blocks`, as in
+    ``bench speed``)."""
+    memory.reuse_freed_blocks()
     times: dict[str, list[float]] = {name: [] for name in calls}
     with torch.inference_mode():
         for fn in calls.values():
