@@ -519,20 +519,15 @@ def torch_block_attention(
             shared = layout.shared_bias(r0, r1, used, q.dtype)
         for c0 in range(r0, r1, step):
             c1 = min(c0 + step, r1)
+            rows, s0 = None, None
             if start is None:
                 # one row index per gathered block: index_select copies whole blocks
                 rows = ((bi * hkv + hi) * nkb + layout.kv_indices[:, :, c0:c1, :used]).flatten()
-                kg, vg = (
-                    x.reshape(-1, bs, x.shape[-1])
-                    .index_select(0, rows)
-                    .view(b, hq, c1 - c0, used * bs, x.shape[-1])
-                    for x in (kb, vb)
-                )  # [B, H, c, used*bs, D]
             else:
                 # query block c0 + i visits key blocks start + i ... start + i + used - 1:
                 # overlapping strided views of k and v, no copy
                 s0 = start + c0 - r0
-                kg, vg = (sliding_view(x, s0, c1 - c0, used * bs, bs) for x in (kb, vb))
+            kg, vg = _piece_keys(kb, vb, c0, c1, s0, rows, used, b * hq)  # [B·H, c, used·bs, D]
             keys = slice(0, used * bs)
             bias, seen = None, None
             if not plain:
@@ -549,7 +544,7 @@ def torch_block_attention(
                 if bias.dim() == 5:
                     bias = bias.expand(b, hq, -1, -1, -1).flatten(0, 1)
             qc = qb[:, :, c0:c1].flatten(0, 1)
-            o = _attend(qc, kg.flatten(0, 1), vg.flatten(0, 1), bias, scale).unflatten(0, (b, hq))
+            o = _attend(qc, kg, vg, bias, scale).unflatten(0, (b, hq))
             if seen is not None:
                 o = o * seen.to(o.dtype)
             if out is None:
@@ -714,37 +709,36 @@ def _band_and_extras(qb, kb, vb, out, r0, r1, band, rows, row_bytes, scale):
     step = max(1, _BAND_GATHER_BYTES // (row_bytes * max(used, 1)))
     for p0 in range(r0, r1, band_step):
         p1 = min(p0 + band_step, r1)
-        keys = [
-            sliding_view(x, first + p0 - r0, p1 - p0, width * bs, bs).flatten(0, 1)
-            for x in (kb, vb)
-        ]
+        keys = _piece_keys(kb, vb, p0, p1, first + p0 - r0, None, width, b * hq)
         qp = qb[:, :, p0:p1].flatten(0, 1)
         ob, lb = flash(qp, *keys, attn_mask=bias, scale=scale)
         if used == 0:
             out[:, :, p0:p1].copy_(ob.unflatten(0, (b, hq)))
             continue
-        if ob.dtype in (torch.float16, torch.bfloat16):
-            ob = ob.float()
         for c0 in range(p0, p1, step):
             c1 = min(c0 + step, p1)
             ids = (rows + extra[:, :, c0 - r0 : c1 - r0]).flatten()
-            kg, vg = (
-                x.reshape(-1, bs, x.shape[-1])
-                .index_select(0, ids)
-                .view(b * hq, c1 - c0, used * bs, x.shape[-1])
-                for x in (kb, vb)
-            )
+            kg, vg = _piece_keys(kb, vb, c0, c1, None, ids, used, b * hq)
             hide = None
             if extra_bias is not None:
                 hide = extra_bias[:, :, c0 - r0 : c1 - r0].expand(b, hq, -1, -1, -1).flatten(0, 1)
             ox, lx = flash(qp[:, c0 - p0 : c1 - p0], kg, vg, attn_mask=hide, scale=scale)
-            part = ob[:, c0 - p0 : c1 - p0]
-            w = torch.sigmoid_(lb[:, c0 - p0 : c1 - p0] - lx).unsqueeze(-1).to(ob.dtype)
-            dst = out[:, :, c0:c1].flatten(0, 1)
-            if dst.dtype == ob.dtype:
-                torch.lerp(ox, part, w, out=dst)
-            else:
-                dst.copy_(torch.lerp(ox.to(ob.dtype), part, w))
+            cut = slice(c0 - p0, c1 - p0)
+            _lse_merge(ob[:, cut], lb[:, cut], ox, lx, out=out[:, :, c0:c1].flatten(0, 1))
+
+
+def _lse_merge(o_a, lse_a, o_b, lse_b, out=None):
+    """The softmax over two key sets from each set's result o [..., D] and log-sum-exp
+    lse [...]: o_b + (o_a - o_b)·sigmoid(lse_a - lse_b), in float32 at least (written into
+    ``out`` when given)."""
+    w = torch.sigmoid(lse_a - lse_b).unsqueeze(-1)
+    w = w.to(torch.promote_types(w.dtype, torch.float32))
+    merged = (o_b.to(w.dtype), o_a.to(w.dtype), w)
+    if out is None:
+        return torch.lerp(*merged)
+    if out.dtype == w.dtype:
+        return torch.lerp(*merged, out=out)
+    return out.copy_(torch.lerp(*merged))
 
 
 def sliding_view(x: torch.Tensor, start: int, count: int, length: int, step: int):
@@ -796,9 +790,7 @@ class _BlockPieces(torch.autograd.Function):
                 if o is None:
                     o, lse_piece = o_part, lse_part
                     continue
-                # o = o_part + (o - o_part)·sigmoid(lse - lse_part), in float32 at least
-                w = torch.sigmoid(lse_piece - lse_part).unsqueeze(-1)
-                o = torch.lerp(o_part.to(w.dtype), o.to(w.dtype), w)
+                o = _lse_merge(o, lse_piece, o_part, lse_part)
                 lse_piece = torch.logaddexp(lse_piece, lse_part)
             if seen is not None:
                 o = o * seen
