@@ -17,7 +17,7 @@ from attnlab.core.blocks import (
     ranges_to_candidates,
 )
 from attnlab.core.checks import check_positive_int
-from attnlab.core.masks import repeat_kv
+from attnlab.core.masks import causal_mask, repeat_kv
 from attnlab.core.mechanism import KVCacheDecode
 
 from ._routed import NEG_INF, pool_blocks, token_block_attention
@@ -141,10 +141,8 @@ def tiled_applies(q, k, v, *, block: int, mask) -> bool:
 
 def _causal_bias(rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
     """Bias [1, 1, rows, cols]: row r sees columns c <= r + cols - rows (0, else -inf)."""
-    r = torch.arange(rows, device=device)[:, None]
-    c = torch.arange(cols, device=device)[None, :]
     bias = torch.zeros(rows, cols, dtype=dtype, device=device)
-    return bias.masked_fill_(c > r + cols - rows, NEG_INF)[None, None]
+    return bias.masked_fill_(~causal_mask(rows, cols, device), NEG_INF)[None, None]
 
 
 def _tiles(q, k, other, block: int, causal: bool):
