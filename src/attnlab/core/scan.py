@@ -37,6 +37,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from attnlab.core import native
+
 # Chunk size by sequence length N: the measured best on the CPU of the development
 # machine (2 cores, torch 2.13, float32, causal, B1 H8 Dv64, 2026-11-22; the machine is
 # noisy, differences under ~10% are not significant). `attnlab bench chunks --n N
@@ -415,6 +417,7 @@ def causal_scan(
     log_decay: torch.Tensor | None = None,
     normalize: bool = True,
     feature_map=None,
+    native_feature: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Causal linear attention of N new tokens after ``state`` (Nq == Nk == N).
 
@@ -422,7 +425,11 @@ def causal_scan(
     [B|1, H|1, N] is log g_t <= 0 of the per-step scalar decay ([B|1, H|1, 1]: the
     same decay at every step, whose weights the chunked form builds once).
     ``feature_map(x, query=...)``: when given, fq and fk are the raw queries and keys and
-    the chunked form maps them block by block (no full-length feature tensors). Returns
+    the chunked form maps them block by block (no full-length feature tensors).
+    ``native_feature``: the name of ``feature_map`` among the compiled kernel's
+    (:data:`attnlab.core.native.SCAN_FEATURES`), which then computes the chunked form when
+    it takes the inputs (see :mod:`attnlab.core.native`); without a feature map the kernel
+    is used with the identity. Returns
     the output [B, Hq, N, Dv] in float32 (float64 for float64 input) and the new state
     (see :func:`init_state`; with a per-query-head decay the state has Hq heads).
     """
@@ -459,6 +466,19 @@ def causal_scan(
     else:
         s, z = state["S"].to(acc), (state["z"].to(acc) if normalize else None)
     chunk = chunk or choose_chunk(n)
+    name = "identity" if feature_map is None else native_feature
+    if native.scan_applies((fq, fk, v, s, z, log_decay), feature=name, chunk=chunk):
+        out, s, z = native.causal_scan(
+            fq.reshape(b, hk, hq // hk, n, fq.shape[-1]),
+            fk,
+            v,
+            s,
+            z,
+            chunk=chunk,
+            feature=name,
+            log_decay=log_decay,
+        )
+        return out.reshape(b, hq, n, -1), ({"S": s, "z": z} if normalize else {"S": s})
     out, s, z = _scan_blocks(
         fq.reshape(b, hk, hq // hk, n, fq.shape[-1]),
         fk,
@@ -485,6 +505,7 @@ def linear_attention(
     mask: torch.Tensor | None = None,
     offset: int | None = None,
     feature_map=None,
+    native_feature: str | None = None,
 ) -> torch.Tensor:
     """Linear attention of features fq [B, Hq, Nq, F] over fk [B, Hkv, Nk, F], v [B, Hkv, Nk, Dv].
 
@@ -493,7 +514,7 @@ def linear_attention(
     also the only form that takes an arbitrary bool ``mask`` [B|1, Hq|1, Nq|1, Nk]),
     "chunked" or "recurrent"; non-causal attention without a mask is the
     single state ``fk^T v`` in every form but "parallel". With ``feature_map`` fq and fk
-    are raw queries and keys (see :func:`causal_scan`). Returns float32
+    are raw queries and keys (see :func:`causal_scan`, also for ``native_feature``). Returns float32
     (float64 for float64 input), [B, Hq, Nq, Dv]; rows with nothing to attend give zeros.
     """
     nq, nk = fq.shape[-2], fk.shape[-2]
@@ -509,6 +530,7 @@ def linear_attention(
             log_decay=log_decay,
             normalize=normalize,
             feature_map=feature_map,
+            native_feature=native_feature,
         )
         return out
     fq, fk = _features(fq, fk, feature_map)

@@ -63,6 +63,8 @@ class FeatureMapAttention(Mechanism):
     # phi(x) of a token depends on that token alone, so it may be applied to any block of
     # tokens (False when a feature map normalises over the sequence, as Performer's keys do)
     token_features: ClassVar[bool] = True
+    # the name of ``features`` among the compiled scan's feature maps (None: not one of them)
+    native_feature: ClassVar[str | None] = None
 
     def feature_dim(self, head_dim: int) -> int:
         """F, the number of features for head dim D."""
@@ -97,6 +99,7 @@ class FeatureMapAttention(Mechanism):
             mask=mask,
             normalize=self.normalize,
             feature_map=feature_map,
+            native_feature=self.native_feature,
         )
 
     def forward(self, q, k, v, *, causal=False, mask=None, scale=None):

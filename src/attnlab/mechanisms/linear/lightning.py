@@ -115,6 +115,7 @@ class Lightning(Mechanism):
             log_decay=self._log_decay(q),
             normalize=False,
             feature_map=self._feature,
+            native_feature=self.config.feature,
         )
         return self._norm(out)
 

@@ -34,6 +34,7 @@ class Linear(FeatureMapAttention):
         decode=True,
         complexity="O(N·D²)",
     )
+    native_feature = "elu1"
 
     @dataclass
     class Config:

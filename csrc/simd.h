@@ -1,0 +1,99 @@
+/* Shared building blocks of attnlab's compiled CPU kernels.
+ *
+ * 16-float vectors through GCC's vector extensions (one AVX-512 register, or two
+ * AVX2 ones, depending on what -march=native finds), a vectorised exp, and small
+ * row-major matrix products C (+)= A B whose column count is a multiple of 16,
+ * computed in register tiles of 4 rows x up to 64 columns. Everything is float32.
+ */
+#ifndef ATTNLAB_SIMD_H
+#define ATTNLAB_SIMD_H
+
+#include <stdint.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+
+static inline v16 load16(const float *p) { return *(const v16u *)p; }
+static inline void store16(float *p, v16 x) { *(v16u *)p = x; }
+static inline v16 splat16(float x) { return (v16){0} + x; }
+
+/* Lanes of a where m is set (all bits), else of b: C has no ?: on vectors. */
+static inline v16 vselect16(i16v m, v16 a, v16 b) {
+    return (v16)(((i16v)a & m) | ((i16v)b & ~m));
+}
+static inline v16 vmax16(v16 a, v16 b) { return vselect16(a > b, a, b); }
+static inline v16 vmin16(v16 a, v16 b) { return vselect16(a < b, a, b); }
+
+/* exp(x) to ~2 ulp for x in [-87, 88.7]; smaller x give ~2e-38 (never a subnormal),
+ * larger ones ~3.4e38. Range reduction x = n ln2 + r, |r| <= ln2/2, a degree-7 Taylor
+ * polynomial of e^r, and 2^n built in the exponent bits. */
+static inline v16 vexp16(v16 x) {
+    const v16 lo = splat16(-87.0f), hi = splat16(88.7f);
+    x = vmin16(vmax16(x, lo), hi);
+    const v16 magic = splat16(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    v16 n = (x * 1.44269504088896341f + magic) - magic;
+    v16 r = x - n * 0.693359375f; /* ln2 in two parts: exact high bits, then the rest */
+    r = r - n * -2.12194440e-4f;
+    v16 p = splat16(1.0f / 5040.0f);
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    i16v bits = (__builtin_convertvector(n, i16v) + 127) << 23;
+    v16 scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* One register tile: C[4 x 16*NV] (+)= A[4 x K] B[K x 16*NV], row-major with leading
+ * dimensions lda, ldb, ldc. */
+#define ATTNLAB_TILE(NV)                                                                   \
+    static inline void tile4x##NV(int K, const float *A, int lda, const float *B, int ldb, \
+                                  float *C, int ldc, int accumulate) {                     \
+        v16 c[4][NV];                                                                      \
+        for (int r = 0; r < 4; r++)                                                        \
+            for (int u = 0; u < NV; u++)                                                   \
+                c[r][u] = accumulate ? load16(C + r * ldc + 16 * u) : splat16(0.0f);       \
+        for (int k = 0; k < K; k++) {                                                      \
+            v16 b[NV];                                                                     \
+            for (int u = 0; u < NV; u++) b[u] = load16(B + k * ldb + 16 * u);              \
+            for (int r = 0; r < 4; r++) {                                                  \
+                v16 a = splat16(A[r * lda + k]);                                           \
+                for (int u = 0; u < NV; u++) c[r][u] += a * b[u];                          \
+            }                                                                              \
+        }                                                                                  \
+        for (int r = 0; r < 4; r++)                                                        \
+            for (int u = 0; u < NV; u++) store16(C + r * ldc + 16 * u, c[r][u]);           \
+    }
+ATTNLAB_TILE(1)
+ATTNLAB_TILE(2)
+ATTNLAB_TILE(3)
+ATTNLAB_TILE(4)
+#undef ATTNLAB_TILE
+
+/* C[4 x N] (+)= A[4 x K] B[K x N] for one band of 4 rows, N a multiple of 16. */
+static inline void gemm_rows4(int N, int K, const float *A, int lda, const float *B, int ldb,
+                              float *C, int ldc, int accumulate) {
+    int j = 0;
+    for (; j + 64 <= N; j += 64) tile4x4(K, A, lda, B + j, ldb, C + j, ldc, accumulate);
+    switch ((N - j) / 16) {
+    case 3: tile4x3(K, A, lda, B + j, ldb, C + j, ldc, accumulate); break;
+    case 2: tile4x2(K, A, lda, B + j, ldb, C + j, ldc, accumulate); break;
+    case 1: tile4x1(K, A, lda, B + j, ldb, C + j, ldc, accumulate); break;
+    default: break;
+    }
+}
+
+/* C[M x N] (+)= A[M x K] B[K x N]; M a multiple of 4, N a multiple of 16. */
+static inline void gemm(int M, int N, int K, const float *A, int lda, const float *B, int ldb,
+                        float *C, int ldc, int accumulate) {
+    for (int i = 0; i < M; i += 4)
+        gemm_rows4(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+}
+
+#endif
