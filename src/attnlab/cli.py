@@ -541,8 +541,8 @@ def bench_chunks(
     repeats: int = typer.Option(3, help="Timed repeats (median)."),
     out: Path | None = typer.Option(None, help="Write the rows as JSON here."),
 ):
-    """Time of the chunked linear-attention scan per (F, C) at one N: the table behind
-    choose_chunk (which picks C by N)."""
+    """Time of the chunked linear-attention scan per (F, C) at one N: the tables behind
+    choose_chunk (which picks C by N, for the compiled kernel or the PyTorch scan)."""
     from attnlab.bench import scaling
     from attnlab.core.scan import choose_chunk
 
@@ -555,7 +555,7 @@ def bench_chunks(
         progress=console.print,
     )
     t = Table(title=f"bench chunks: causal scan, B1 H8 Dv64 N={size} float32, median ms")
-    for col in ("F", "C", "ms", "fastest", "choose_chunk"):
+    for col in ("F", "C", "ms", "fastest", "kernel", "choose_chunk"):
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(
@@ -563,7 +563,8 @@ def bench_chunks(
             str(r["chunk"]),
             f"{r['ms']:.1f}",
             "✓" if r["best"] else "",
-            str(choose_chunk(size)),
+            r["kernel"],
+            str(choose_chunk(size, compiled=r["kernel"] == "compiled")),
         )
     console.print(t)
     _write_json(out, rows)

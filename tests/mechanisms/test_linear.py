@@ -11,6 +11,7 @@ from attnlab.bench import quality, scaling
 from attnlab.core.reference import reference_attention
 from attnlab.core.scan import (
     CHUNK_TABLE,
+    COMPILED_CHUNK_TABLE,
     causal_scan,
     choose_chunk,
     linear_attention,
@@ -104,6 +105,9 @@ def test_choose_chunk():
     assert choose_chunk(1) == 1
     assert all(c > 0 for _, c in CHUNK_TABLE)
     assert [n for n, _ in CHUNK_TABLE] == sorted(n for n, _ in CHUNK_TABLE)
+    for max_n, chunk in COMPILED_CHUNK_TABLE:
+        assert choose_chunk(min(max_n, 1 << 40), compiled=True) == min(chunk, max_n)
+    assert choose_chunk(10, compiled=True) == 10
 
 
 # --- stability at long N --------------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import attnlab
+from attnlab.core import native
 from attnlab.core.scan import causal_scan
 
 from . import memory
@@ -272,7 +273,9 @@ def run_chunks(
     repeats: int = 3,
     progress: Progress = None,
 ) -> list[dict]:
-    """ms of the causal chunked scan for each (feature dim F, chunk C); the best C per F flagged."""
+    """ms of the causal chunked scan for each (feature dim F, chunk C); the best C per F
+    flagged, and which kernel ran ("compiled": csrc/scan.c, which takes F a multiple of 16,
+    else "torch")."""
     rows = []
     for f in feature_dims:
         fq = torch.rand(1, heads, n, f)
@@ -286,7 +289,16 @@ def run_chunks(
         got = _interleaved(calls, repeats)
         best = min(got, key=got.get)
         rows.extend(
-            {"feature_dim": f, "chunk": c, "ms": t, "best": c == best} for c, t in got.items()
+            {
+                "feature_dim": f,
+                "chunk": c,
+                "ms": t,
+                "best": c == best,
+                "kernel": "compiled"
+                if native.scan_applies((fq, fk, v), feature="identity", chunk=c)
+                else "torch",
+            }
+            for c, t in got.items()
         )
     return rows
 

@@ -50,6 +50,14 @@ from attnlab.core import native
 # C=64 at every N (the earlier layout, a ones column beside the values and 16-chunk
 # blocks, preferred 128 above 2048 tokens).
 CHUNK_TABLE: tuple[tuple[int, int], ...] = ((10**12, 64),)
+# The same for the compiled kernel (csrc/scan.c), `attnlab bench chunks --n N --features
+# 64 --chunks 16,32,48,64 --repeats 7`, two runs each (2026-11-22, same machine):
+#   N=1024:  C16 7.1, 3.0; C32 7.9, 3.0; C48 7.6, 3.2; C64 7.7, 3.3
+#   N=16384: C16 61.5, 54.5; C32 58.6, 55.3; C48 62.5, 57.3; C64 65.3, 59.5
+# (and with F=16 at N=16384: C16 27.7, C32 29.4, C64 32.4, C128 39.5). A chunk's own
+# scores cost C per token, its state products a fixed F·Dv: small chunks win until the
+# per-chunk state traffic dominates.
+COMPILED_CHUNK_TABLE: tuple[tuple[int, int], ...] = ((10**12, 32),)
 
 # Elements allowed in one block's largest intermediate (features, scores, values):
 # small enough to stay in cache and be reused by malloc, large enough that the batched
@@ -64,10 +72,10 @@ _BLOCK_ELEMENTS_GPU = 1 << 27
 _BLOCK_CHUNKS_GPU = 256
 
 
-def choose_chunk(n: int) -> int:
+def choose_chunk(n: int, *, compiled: bool = False) -> int:
     """Chunk size for the chunked form of N tokens: the measured best for N (see
-    CHUNK_TABLE), never more than ``n``."""
-    for max_n, chunk in CHUNK_TABLE:
+    CHUNK_TABLE, or COMPILED_CHUNK_TABLE for the compiled kernel), never more than ``n``."""
+    for max_n, chunk in COMPILED_CHUNK_TABLE if compiled else CHUNK_TABLE:
         if n <= max_n:
             return max(1, min(chunk, n))
     raise AssertionError("CHUNK_TABLE ends with an unbounded row")
@@ -465,9 +473,10 @@ def causal_scan(
         z = torch.zeros(b, hk, f, dtype=acc, device=fq.device) if normalize else None
     else:
         s, z = state["S"].to(acc), (state["z"].to(acc) if normalize else None)
-    chunk = chunk or choose_chunk(n)
     name = "identity" if feature_map is None else native_feature
-    if native.scan_applies((fq, fk, v, s, z, log_decay), feature=name, chunk=chunk):
+    inputs = (fq, fk, v, s, z, log_decay)
+    if native.scan_applies(inputs, feature=name, chunk=chunk or choose_chunk(n, compiled=True)):
+        chunk = chunk or choose_chunk(n, compiled=True)
         out, s, z = native.causal_scan(
             fq.reshape(b, hk, hq // hk, n, fq.shape[-1]),
             fk,
@@ -479,6 +488,7 @@ def causal_scan(
             log_decay=log_decay,
         )
         return out.reshape(b, hq, n, -1), ({"S": s, "z": z} if normalize else {"S": s})
+    chunk = chunk or choose_chunk(n)
     out, s, z = _scan_blocks(
         fq.reshape(b, hk, hq // hk, n, fq.shape[-1]),
         fk,
