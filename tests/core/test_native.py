@@ -128,3 +128,18 @@ def test_mechanisms_give_the_same_output_with_and_without_the_kernels(name, conf
         with native.disabled():
             want = mech(q, k, v, causal=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler: nothing compiled to test")
+@pytest.mark.parametrize("name", ["linear", "lightning"])
+def test_kernel_is_stable_at_65536_tokens(name):
+    """No overflow in the normaliser or the decayed state over 65536 tokens (tiny D)."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 65536, 16, generator=gen) * 3 for _ in range(3))
+    mech = attnlab.get(name)
+    with torch.no_grad():
+        got = mech(q, k, v, causal=True)
+        with native.disabled():
+            want = mech(q, k, v, causal=True)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
