@@ -38,6 +38,8 @@ def library() -> ctypes.CDLL | None:
             ptr, i = ctypes.c_void_p, ctypes.c_int
             lib.attnlab_causal_scan.argtypes = [ptr] * 7 + [i] * 8
             lib.attnlab_causal_scan.restype = i
+            lib.attnlab_moba.argtypes = [ptr] * 4 + [i] * 10 + [ctypes.c_float, i]
+            lib.attnlab_moba.restype = i
             _library = lib
     return _library
 
@@ -129,3 +131,59 @@ def causal_scan(
         why = {1: "out of memory", 2: "arguments the kernel does not take"}.get(code, "unknown")
         raise RuntimeError(f"attnlab_causal_scan failed with code {code}: {why}")
     return out, s, z
+
+
+def moba_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask) -> bool:
+    """Whether :func:`moba` takes these inputs: float32 CPU tensors without autograd, no
+    mask, Dv a multiple of 16 (any D, block, top_k and lengths; GQA)."""
+    if not enabled() or mask is not None:
+        return False
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (q, k, v)):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return False
+    return v.shape[-1] % 16 == 0 and q.shape[2] > 0 and k.shape[2] > 0
+
+
+def moba(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block: int,
+    top_k: int,
+    causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """MoBA attention (Lu et al., arXiv:2502.13189) in ``csrc/moba.c``: the gate, the
+    top-k block selection of :func:`attnlab.mechanisms.sparse.moba.moba_select` (ties:
+    the lower block index) and the attention of each query over its own block (causal
+    inside it under ``causal``) and its chosen blocks, with one softmax. q [B, Hq, Nq, D],
+    k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv]; returns [B, Hq, Nq, Dv] float32. Check
+    :func:`moba_applies` first."""
+    b, hq, nq, d = q.shape
+    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty(b, hq, nq, dv, dtype=torch.float32)
+    code = library().attnlab_moba(
+        _ptr(q),
+        _ptr(k),
+        _ptr(v),
+        _ptr(out),
+        b * hq,
+        hq,
+        hkv,
+        nq,
+        nk,
+        d,
+        dv,
+        block,
+        top_k,
+        int(causal),
+        scale,
+        torch.get_num_threads(),
+    )
+    if code != 0:
+        why = {1: "out of memory", 2: "arguments the kernel does not take"}.get(code, "unknown")
+        raise RuntimeError(f"attnlab_moba failed with code {code}: {why}")
+    return out

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import torch
 
-from attnlab.core import AttnInputError, Mechanism, Spec, register
+from attnlab.core import AttnInputError, Mechanism, Spec, native, register
 from attnlab.core.blocks import (
     BlockLayout,
     flex_block_attention,
@@ -468,7 +468,11 @@ class MoBA(KVCacheDecode, Mechanism):
     causal; the gate itself is not differentiated (gradients flow through the
     attention over the chosen blocks).
 
-    Paths (``form``): on CPU in float32/float64, with no mask and whole
+    Paths (``form``): for inference on CPU in float32 without a mask (Dv a
+    multiple of 16), ``"auto"`` runs the compiled kernel ``csrc/moba.c``
+    (:func:`attnlab.core.native.moba`: gate, top-k and each query's one
+    online softmax over its blocks, fused) where it was built. Otherwise,
+    on CPU in float32/float64, with no mask and whole
     blocks of as many queries as keys, ``"auto"`` takes :func:`tiled_moba`,
     head by head: each query's own block in one fused flash-kernel call per
     sub-block, then, for every key block, all queries that chose it in one
@@ -517,6 +521,10 @@ class MoBA(KVCacheDecode, Mechanism):
 
     def forward(self, q, k, v, *, causal=False, mask=None, scale=None):
         cfg = self.config
+        if cfg.form == "auto" and native.moba_applies(q, k, v, mask=mask):
+            return native.moba(
+                q, k, v, block=cfg.block, top_k=cfg.top_k, causal=causal, scale=scale
+            )
         if cfg.form == "auto" and tiled_applies(q, k, v, block=cfg.block, mask=mask):
             other = moba_others(q, k, block=cfg.block, top_k=cfg.top_k, causal=causal)
             grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))

@@ -1,0 +1,368 @@
+/* MoBA, Mixture of Block Attention (Lu et al., arXiv:2502.13189), fused, for the CPU.
+ *
+ * Keys are cut into blocks of `block` (the last one may be shorter). Query i, at the aligned
+ * position p = i + Nk - Nq, owns the key block holding p (clamped into [0, Nk); under the
+ * causal rule a query with p < 0 owns none and sees nothing). It attends, with one softmax,
+ * to its own block (keys <= p under the causal rule) and to the top_k - 1 blocks with the
+ * highest gate q_i . mean(K_j) among the blocks wholly in its past (causal) or all other
+ * blocks (non-causal); where at most top_k - 1 blocks are eligible it takes them all. The
+ * same selection in PyTorch is attnlab.mechanisms.sparse.moba.moba_select (ties: the lower
+ * block index wins here).
+ *
+ * Per (batch, query head), with the kv head of its group:
+ *   1. the gate: block means of K, transposed, times the queries (a GEMM per 64 queries),
+ *      and the top blocks of each query by insertion into a short sorted list;
+ *   2. the queries that chose each key block, as lists (CSR), in query order;
+ *   3. key block by key block (its keys transposed once into [D, block], its values read in
+ *      place): its own queries (under the causal rule only the visible prefix of each tile of
+ *      64 queries is computed), then the queries that chose it, 64 at a time, gathered into a
+ *      tile: S = scale Q K_j^T, an online softmax per query (running max and sum per query,
+ *      the running numerator accumulated in the output rows), then P V_j;
+ *   4. the division by each query's sum (rows that saw nothing are zero).
+ * Heads are split over threads (each with its own scratch, flushing subnormals).
+ */
+#include <float.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+
+#include "simd.h"
+#ifdef __SSE__
+#include <xmmintrin.h>
+#endif
+
+enum { TILE = 64, GATE_ROWS = 64 };
+
+typedef struct {
+    const float *q, *k, *v; /* q [heads, nq, d], k [kv heads, nk, d], v [kv heads, nk, dv] */
+    float *out;             /* [heads, nq, dv] */
+    int heads, hq, hkv, nq, nk, d, dv, block, top_k, causal, threads;
+    float scale;
+} moba_args;
+
+typedef struct {
+    const moba_args *a;
+    int first;
+    int status;
+} moba_worker;
+
+/* Per-thread scratch. */
+typedef struct {
+    int nkb, nkbp, bp, slots;
+    float *means_t; /* [d, nkbp]: block means, transposed */
+    float *gate;    /* [GATE_ROWS, nkbp] */
+    float *qpad;    /* [4, d]: the last rows of the gate when nq % 4 != 0 */
+    float *m, *l;   /* [nq]: running max and sum */
+    float *kt;      /* [d, bp]: one key block transposed */
+    float *qt;      /* [TILE, d]: gathered queries, scaled */
+    float *s;       /* [TILE, bp]: scores, then probabilities */
+    float *ot;      /* [TILE, dv] */
+    float *alpha;   /* [TILE] */
+    int *sel;       /* [nq, slots] */
+    int *start;     /* [nkb + 1]: CSR offsets of the lists */
+    int *fill;      /* [nkb] */
+    int *list;      /* [nq * slots] */
+    int *own_lo, *own_hi; /* [nkb]: the queries owning each block */
+    int *rows, *cvis;     /* [TILE]: a tile's queries and their visible key counts */
+} moba_scratch;
+
+static int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+/* The block that query i owns (-1: none). */
+static int own_block(const moba_args *a, int i) {
+    long p = (long)i + a->nk - a->nq;
+    if (p < 0) {
+        if (a->causal) return -1;
+        p = 0;
+    }
+    if (p > a->nk - 1) p = a->nk - 1;
+    return (int)(p / a->block);
+}
+
+/* gate rows [r0, r0 + rows) of one head: gate = q means^T. */
+static void gate_rows(const moba_args *a, moba_scratch *w, const float *q, int r0, int rows) {
+    const int d = a->d, full = rows / 4 * 4;
+    if (full) gemm(full, w->nkbp, d, q + (size_t)r0 * d, d, w->means_t, w->nkbp, w->gate, w->nkbp, 0);
+    if (full < rows) {
+        memset(w->qpad, 0, sizeof(float) * 4 * d);
+        memcpy(w->qpad, q + (size_t)(r0 + full) * d, sizeof(float) * (rows - full) * d);
+        gemm(4, w->nkbp, d, w->qpad, d, w->means_t, w->nkbp, w->gate + (size_t)full * w->nkbp, w->nkbp, 0);
+    }
+}
+
+/* Steps 1 and 2: each query's other blocks, listed per key block. */
+static void select_blocks(const moba_args *a, moba_scratch *w, const float *q, const float *k) {
+    const int d = a->d, nkb = w->nkb, nkbp = w->nkbp, slots = w->slots, nq = a->nq;
+    for (int j = 0; j < nkb; j++) {
+        w->own_lo[j] = nq;
+        w->own_hi[j] = 0;
+    }
+    for (int i = 0; i < nq; i++) {
+        int o = own_block(a, i);
+        if (o < 0) continue;
+        if (i < w->own_lo[o]) w->own_lo[o] = i;
+        w->own_hi[o] = i + 1;
+    }
+    for (int j = 0; j <= nkb; j++) w->start[j] = 0;
+    if (slots == 0) return;
+    /* block means, transposed: means_t[e, j] */
+    memset(w->means_t, 0, sizeof(float) * d * nkbp);
+    for (int j = 0; j < nkb; j++) {
+        const int k0 = j * a->block, len = a->nk - k0 < a->block ? a->nk - k0 : a->block;
+        float *col = w->qt; /* [d] sum, reusing the tile buffer */
+        memset(col, 0, sizeof(float) * d);
+        for (int t = 0; t < len; t++) {
+            const float *row = k + (size_t)(k0 + t) * d;
+            for (int e = 0; e < d; e++) col[e] += row[e];
+        }
+        for (int e = 0; e < d; e++) w->means_t[(size_t)e * nkbp + j] = col[e] / (float)len;
+    }
+    float best_v[slots > 0 ? slots : 1];
+    for (int r0 = 0; r0 < nq; r0 += GATE_ROWS) {
+        const int rows = nq - r0 < GATE_ROWS ? nq - r0 : GATE_ROWS;
+        int any = 0;
+        for (int i = r0; i < r0 + rows && !any; i++) {
+            int o = own_block(a, i);
+            any = o >= 0 && (a->causal ? o : nkb - 1) > slots;
+        }
+        if (any) gate_rows(a, w, q, r0, rows);
+        for (int i = r0; i < r0 + rows; i++) {
+            int *sel = w->sel + (size_t)i * slots, o = own_block(a, i), n = 0;
+            if (o >= 0) {
+                const int eligible = a->causal ? o : nkb - 1, end = a->causal ? o : nkb;
+                const float *g = w->gate + (size_t)(i - r0) * nkbp;
+                for (int j = 0; j < end; j++) {
+                    if (j == o) continue;
+                    if (eligible <= slots) {
+                        sel[n++] = j;
+                        continue;
+                    }
+                    const float x = g[j];
+                    if (n == slots && !(x > best_v[n - 1])) continue;
+                    int at = n < slots ? n++ : n - 1;
+                    while (at > 0 && x > best_v[at - 1]) {
+                        best_v[at] = best_v[at - 1];
+                        sel[at] = sel[at - 1];
+                        at--;
+                    }
+                    best_v[at] = x;
+                    sel[at] = j;
+                }
+            }
+            for (int u = n; u < slots; u++) sel[u] = -1;
+            for (int u = 0; u < n; u++) w->start[sel[u] + 1]++;
+        }
+    }
+    for (int j = 0; j < nkb; j++) {
+        w->start[j + 1] += w->start[j];
+        w->fill[j] = w->start[j];
+    }
+    for (int i = 0; i < nq; i++)
+        for (int u = 0; u < slots; u++) {
+            const int j = w->sel[(size_t)i * slots + u];
+            if (j >= 0) w->list[w->fill[j]++] = i;
+        }
+}
+
+/* One tile: queries w->rows[0..t) attend the first w->cvis[r] keys of the block in w->kt
+ * (values vj), at most kmax of them, merged into the running softmax of each query. */
+static void attend_tile(const moba_args *a, moba_scratch *w, const float *q, const float *vj,
+                        float *out, int t, int kmax) {
+    const int d = a->d, dv = a->dv, bp = w->bp, tp = round_up(t, 4), ncols = round_up(kmax, 16);
+    const v16 sc = splat16(a->scale);
+    for (int r = 0; r < t; r++) {
+        const float *src = q + (size_t)w->rows[r] * d;
+        float *dst = w->qt + (size_t)r * d;
+        int e = 0;
+        for (; e + 16 <= d; e += 16) store16(dst + e, load16(src + e) * sc);
+        for (; e < d; e++) dst[e] = src[e] * a->scale;
+    }
+    if (tp > t) memset(w->qt + (size_t)t * d, 0, sizeof(float) * (tp - t) * d);
+    gemm(tp, ncols, d, w->qt, d, w->kt, bp, w->s, bp, 0);
+    const i16v lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    for (int r = 0; r < t; r++) {
+        float *row = w->s + (size_t)r * bp;
+        const int c = w->cvis[r], i = w->rows[r], cf = c / 16 * 16;
+        v16 vm = splat16(-INFINITY);
+        for (int u = 0; u < cf; u += 16) vm = vmax16(vm, load16(row + u));
+        float mx = -INFINITY;
+        for (int u = 0; u < 16; u++) mx = vm[u] > mx ? vm[u] : mx;
+        for (int u = cf; u < c; u++) mx = row[u] > mx ? row[u] : mx;
+        const float mo = w->m[i], mn = mo > mx ? mo : mx;
+        const v16 vmn = splat16(mn);
+        v16 vs = splat16(0.0f);
+        for (int u = 0; u < cf; u += 16) {
+            v16 p = vexp16(load16(row + u) - vmn);
+            store16(row + u, p);
+            vs += p;
+        }
+        if (cf < c) {
+            v16 p = vexp16(load16(row + cf) - vmn);
+            p = vselect16(lane < (c - cf), p, splat16(0.0f));
+            store16(row + cf, p);
+            vs += p;
+        }
+        for (int u = round_up(c, 16); u < kmax; u++) row[u] = 0.0f;
+        float sum = 0.0f;
+        for (int u = 0; u < 16; u++) sum += vs[u];
+        const float al = mo == -INFINITY ? 0.0f : expf(mo - mn);
+        w->alpha[r] = al;
+        w->m[i] = mn;
+        w->l[i] = w->l[i] * al + sum;
+    }
+    gemm(tp, dv, kmax, w->s, bp, vj, dv, w->ot, dv, 0);
+    for (int r = 0; r < t; r++) {
+        float *acc = out + (size_t)w->rows[r] * dv;
+        const float *o = w->ot + (size_t)r * dv;
+        if (w->alpha[r] == 0.0f) {
+            memcpy(acc, o, sizeof(float) * dv);
+            continue;
+        }
+        const v16 al = splat16(w->alpha[r]);
+        for (int e = 0; e < dv; e += 16) store16(acc + e, load16(acc + e) * al + load16(o + e));
+    }
+}
+
+static void moba_head(const moba_args *a, moba_scratch *w, int head) {
+    const int d = a->d, dv = a->dv, nq = a->nq, nk = a->nk, bp = w->bp;
+    const int kvh = head / a->hq * a->hkv + head % a->hq / (a->hq / a->hkv);
+    const float *q = a->q + (size_t)head * nq * d;
+    const float *k = a->k + (size_t)kvh * nk * d, *v = a->v + (size_t)kvh * nk * dv;
+    float *out = a->out + (size_t)head * nq * dv;
+    select_blocks(a, w, q, k);
+    for (int i = 0; i < nq; i++) {
+        w->m[i] = -INFINITY;
+        w->l[i] = 0.0f;
+    }
+    for (int j = 0; j < w->nkb; j++) {
+        const int k0 = j * a->block, len = nk - k0 < a->block ? nk - k0 : a->block;
+        const int lo = w->own_lo[j], hi = w->own_hi[j], others = w->start[j + 1] - w->start[j];
+        if (lo >= hi && others == 0) continue;
+        const int lenp = round_up(len, 16);
+        for (int e = 0; e < d; e++) {
+            float *dst = w->kt + (size_t)e * bp;
+            for (int t = 0; t < len; t++) dst[t] = k[(size_t)(k0 + t) * d + e];
+            for (int t = len; t < lenp; t++) dst[t] = 0.0f;
+        }
+        const float *vj = v + (size_t)k0 * dv;
+        for (int r0 = lo; r0 < hi; r0 += TILE) {
+            const int t = hi - r0 < TILE ? hi - r0 : TILE;
+            int kmax = 0;
+            for (int r = 0; r < t; r++) {
+                const int i = r0 + r;
+                int c = len;
+                if (a->causal) {
+                    const long vis = (long)i + nk - nq - k0 + 1;
+                    c = vis < len ? (int)vis : len;
+                }
+                w->rows[r] = i;
+                w->cvis[r] = c;
+                kmax = c > kmax ? c : kmax;
+            }
+            attend_tile(a, w, q, vj, out, t, kmax);
+        }
+        const int *list = w->list + w->start[j];
+        for (int r0 = 0; r0 < others; r0 += TILE) {
+            const int t = others - r0 < TILE ? others - r0 : TILE;
+            for (int r = 0; r < t; r++) {
+                w->rows[r] = list[r0 + r];
+                w->cvis[r] = len;
+            }
+            attend_tile(a, w, q, vj, out, t, len);
+        }
+    }
+    for (int i = 0; i < nq; i++) {
+        float *acc = out + (size_t)i * dv;
+        if (w->l[i] > 0.0f) {
+            const v16 inv = splat16(1.0f / w->l[i]);
+            for (int e = 0; e < dv; e += 16) store16(acc + e, load16(acc + e) * inv);
+        } else {
+            memset(acc, 0, sizeof(float) * dv);
+        }
+    }
+}
+
+static void *moba_rows(void *arg) {
+    moba_worker *wk = arg;
+    const moba_args *a = wk->a;
+    moba_scratch w;
+    w.nkb = (a->nk + a->block - 1) / a->block;
+    w.nkbp = round_up(w.nkb, 16);
+    w.bp = round_up(a->block < a->nk ? a->block : a->nk, 16);
+    w.slots = a->top_k - 1 < w.nkb - 1 ? a->top_k - 1 : w.nkb - 1;
+    if (w.slots < 0) w.slots = 0;
+    const int d = a->d, dv = a->dv, nq = a->nq;
+    const size_t floats = (size_t)d * w.nkbp + (size_t)GATE_ROWS * w.nkbp + 4 * (size_t)d + 2 * (size_t)nq +
+                          (size_t)d * w.bp + (size_t)TILE * d + (size_t)TILE * w.bp + (size_t)TILE * dv + TILE;
+    const size_t ints = 2 * (size_t)nq * w.slots + 4 * ((size_t)w.nkb + 1) + 2 * TILE;
+    float *fbuf = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+    int *ibuf = malloc(ints * sizeof(int));
+    if (!fbuf || !ibuf) {
+        free(fbuf);
+        free(ibuf);
+        wk->status = 1;
+        return NULL;
+    }
+    float *f = fbuf;
+    w.means_t = f, f += (size_t)d * w.nkbp;
+    w.gate = f, f += (size_t)GATE_ROWS * w.nkbp;
+    w.qpad = f, f += 4 * (size_t)d;
+    w.m = f, f += nq;
+    w.l = f, f += nq;
+    w.kt = f, f += (size_t)d * w.bp;
+    w.qt = f, f += (size_t)TILE * d;
+    w.s = f, f += (size_t)TILE * w.bp;
+    w.ot = f, f += (size_t)TILE * dv;
+    w.alpha = f;
+    int *p = ibuf;
+    w.sel = p, p += (size_t)nq * w.slots;
+    w.list = p, p += (size_t)nq * w.slots;
+    w.start = p, p += w.nkb + 1;
+    w.fill = p, p += w.nkb + 1;
+    w.own_lo = p, p += w.nkb + 1;
+    w.own_hi = p, p += w.nkb + 1;
+    w.rows = p, p += TILE;
+    w.cvis = p;
+#ifdef __SSE__
+    unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8040); /* flush-to-zero and denormals-are-zero, this thread only */
+#endif
+    for (int head = wk->first; head < a->heads; head += a->threads) moba_head(a, &w, head);
+#ifdef __SSE__
+    _mm_setcsr(csr);
+#endif
+    free(fbuf);
+    free(ibuf);
+    wk->status = 0;
+    return NULL;
+}
+
+/* MoBA attention (see the top of this file) over `heads` = batch x hq query heads, kv head
+ * of query head h: h / (hq / hkv) within its batch element. All arrays contiguous float32;
+ * dv a multiple of 16. Returns 0, or a nonzero code: 1 no memory, 2 bad arguments. */
+int attnlab_moba(const float *q, const float *k, const float *v, float *out, int heads, int hq,
+                 int hkv, int nq, int nk, int d, int dv, int block, int top_k, int causal,
+                 float scale, int threads) {
+    if (dv % 16 || dv <= 0 || d <= 0 || heads < 1 || hq < 1 || hkv < 1 || hq % hkv ||
+        heads % hq || nq < 1 || nk < 1 || block < 1 || top_k < 1)
+        return 2;
+    if (threads < 1) threads = 1;
+    if (threads > heads) threads = heads;
+    if (threads > 64) threads = 64;
+    moba_args a = {q, k, v, out, heads, hq, hkv, nq, nk, d, dv, block, top_k, causal != 0, threads, scale};
+    moba_worker workers[64];
+    pthread_t ids[64];
+    int created[64] = {0};
+    for (int t = 0; t < threads; t++) workers[t] = (moba_worker){&a, t, 0};
+    for (int t = 1; t < threads; t++) {
+        created[t] = pthread_create(&ids[t], NULL, moba_rows, &workers[t]) == 0;
+        if (!created[t]) moba_rows(&workers[t]); /* no thread: its heads run here */
+    }
+    moba_rows(&workers[0]);
+    int status = 0;
+    for (int t = 0; t < threads; t++) {
+        if (created[t]) pthread_join(ids[t], NULL);
+        if (workers[t].status) status = workers[t].status;
+    }
+    return status;
+}
