@@ -38,6 +38,8 @@ def library() -> ctypes.CDLL | None:
             ptr, i = ctypes.c_void_p, ctypes.c_int
             lib.attnlab_causal_scan.argtypes = [ptr] * 7 + [i] * 8
             lib.attnlab_causal_scan.restype = i
+            lib.attnlab_based.argtypes = [ptr] * 5 + [i] * 8 + [ctypes.c_float, i]
+            lib.attnlab_based.restype = i
             lib.attnlab_moba.argtypes = [ptr] * 4 + [i] * 10 + [ctypes.c_float, i]
             lib.attnlab_moba.restype = i
             _library = lib
@@ -186,4 +188,64 @@ def moba(
     if code != 0:
         why = {1: "out of memory", 2: "arguments the kernel does not take"}.get(code, "unknown")
         raise RuntimeError(f"attnlab_moba failed with code {code}: {why}")
+    return out
+
+
+# chunks the Based kernel takes (csrc/based.c): whole vectors of 16 tokens
+BASED_CHUNKS = range(16, _MAX_CHUNK + 1, 16)
+
+
+def based_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk: int) -> bool:
+    """Whether :func:`based` takes these inputs: float32 CPU tensors without autograd, Dv a
+    multiple of 16 and a chunk of whole vectors (16 .. 256, a multiple of 16)."""
+    if not enabled() or chunk not in BASED_CHUNKS:
+        return False
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (q, k, v)):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return False
+    return v.shape[-1] % 16 == 0 and q.shape[2] == k.shape[2]
+
+
+def based(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    proj: torch.Tensor,
+    *,
+    window: int,
+    chunk: int,
+    scale: float,
+) -> torch.Tensor:
+    """Based's causal attention (Arora et al., arXiv:2402.18668) in ``csrc/based.c``, the
+    same sum as :meth:`attnlab.mechanisms.linear.based.Based._chunked`: exact softmax
+    weights inside the last ``window`` positions, the 2nd-order Taylor weights of the
+    projected q~ = q proj, k~ = k proj beyond it, one normaliser. q [B, Hq, N, D],
+    k [B, Hkv, N, D], v [B, Hkv, N, Dv], proj [D, d'] (scale^1/2 included); returns
+    [B, Hq, N, Dv] float32. Check :func:`based_applies` first."""
+    b, hq, n, d = q.shape
+    hkv, dv = k.shape[1], v.shape[-1]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    proj = proj.to(torch.float32).contiguous()
+    out = torch.empty(b, hq, n, dv, dtype=torch.float32)
+    code = library().attnlab_based(
+        _ptr(q),
+        _ptr(k),
+        _ptr(v),
+        _ptr(proj),
+        _ptr(out),
+        b * hkv,
+        hq // hkv,
+        n,
+        d,
+        dv,
+        proj.shape[1],
+        window,
+        chunk,
+        scale,
+        torch.get_num_threads(),
+    )
+    if code != 0:
+        why = {1: "out of memory", 2: "arguments the kernel does not take"}.get(code, "unknown")
+        raise RuntimeError(f"attnlab_based failed with code {code}: {why}")
     return out

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from attnlab.core import Mechanism, Spec, register
+from attnlab.core import Mechanism, Spec, native, register
 from attnlab.core.checks import check_positive_int
 from attnlab.core.masks import repeat_kv
 from attnlab.core.scan import acc_dtype, block_plan, choose_chunk, orthogonal_gaussian
@@ -64,6 +64,9 @@ _FAR_BELOW = -1e30
 _EXP_FLOOR = -80.0
 # Chunks summed by one triangular product in the state's prefix sums.
 PREFIX_CHUNKS = 16
+# Query chunk of the compiled kernel (csrc/based.c, attnlab.core.native.based) when the
+# config names none.
+NATIVE_CHUNK = 64
 
 
 def _chunk_projections(x: torch.Tensor, proj2: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -308,6 +311,19 @@ class Based(SeededDraws, Mechanism):
         built.
         """
         b, hq, n, d = q.shape
+        native_chunk = self.config.chunk or NATIVE_CHUNK
+        if native.based_applies(q, k, v, chunk=native_chunk):  # the fused kernel: same sums
+            proj = self.projection(d)
+            proj = torch.eye(d) if proj is None else proj
+            return native.based(
+                q,
+                k,
+                v,
+                proj * scale**0.5,
+                window=self.config.window,
+                chunk=native_chunk,
+                scale=scale,
+            )
         hk, dv = k.shape[1], v.shape[-1]
         g, acc, dev = hq // hk, q.dtype, q.device
         c = max(1, min(self.config.chunk or choose_chunk(n), n))

@@ -1,0 +1,333 @@
+/* Based, the chunked causal form, fused, for the CPU.
+ *
+ * Based (Arora et al., "Simple linear attention language models balance the
+ * recall-throughput tradeoff", arXiv:2402.18668, sec. 4): keys inside the last W positions
+ * of query i get the exact softmax weight e^(s - M), s = q.k scale; keys further back get
+ * the 2nd-order Taylor weight (1 + t + t^2/2) e^-M of e^t, t = q~.k~ the projected
+ * (d' dims, scale^1/2 folded into the projection) dot product; one normaliser over both,
+ * all weights relative to M = max(0, the largest window score) so nothing overflows.
+ *
+ * Per (batch, kv head) row, chunk by chunk of C query tokens at t0 (G query heads share
+ * the row's keys, values and state):
+ *   span   the keys t0 - H .. t0 + C - 1 (H = W - 1 rounded up to 16; zeros before 0):
+ *          transposed keys, values and projected keys, kept in cache and shifted by C
+ *   local  scores of each band of 4 queries over its window columns only; the Taylor
+ *          weights of the span's keys beyond the window from the d'-dim projections;
+ *          then weights P [C x span] and P V_span (banded: columns up to the band's end)
+ *   far    S = sum phi(k)^T v and z = sum phi(k) over the keys before the span,
+ *          phi(x) = [1, x, x_a^2 (1/2 for queries), x_a x_b (a < b)] so that
+ *          phi(q).phi(k) = 1 + t + t^2/2; read as phi(q) S e^-M, phi(q).z e^-M
+ *   out    (P V + phi(q) S e^-M) / (rowsum P + phi(q).z e^-M)
+ * and the C keys that leave the span enter S and z. The same sums in PyTorch are
+ * attnlab.mechanisms.linear.based.Based._chunked, which the tests compare; the worker
+ * threads flush subnormals (they would slow every product many times over).
+ */
+#include <float.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+
+#include "simd.h"
+#ifdef __SSE__
+#include <xmmintrin.h>
+#endif
+
+typedef struct {
+    const float *q, *k, *v; /* q [rows, g, n, d], k [rows, n, d], v [rows, n, dv] */
+    const float *pp;        /* the projection [d x dp16], zero columns after dp */
+    const float *pt;        /* its transpose [dp4 x d], zero rows after dp */
+    float *out;             /* [rows, g, n, dv] */
+    int rows, g, n, d, dv, dp, window, chunk, threads;
+    float scale;
+} based_args;
+
+typedef struct {
+    const based_args *a;
+    int first;
+    int status;
+} based_worker;
+
+static inline int based_up(int x, int m) { return (x + m - 1) / m * m; }
+
+static inline float based_hsum(v16 x) {
+    float s = 0.0f;
+    for (int u = 0; u < 16; u++) s += x[u];
+    return s;
+}
+
+static inline float based_hmax(v16 x) {
+    float m = x[0];
+    for (int u = 1; u < 16; u++) m = x[u] > m ? x[u] : m;
+    return m;
+}
+
+/* C[4 x 16*NV] (+)= At^T B for At stored [K x 4] (column r of the tile is At[k*lda + r]). */
+#define BASED_TILE_TN(NV)                                                                  \
+    static inline void based_tn4x##NV(int K, const float *At, int lda, const float *B,     \
+                                      int ldb, float *C, int ldc, int accumulate) {        \
+        v16 c[4][NV];                                                                      \
+        for (int r = 0; r < 4; r++)                                                        \
+            for (int u = 0; u < NV; u++)                                                   \
+                c[r][u] = accumulate ? load16(C + r * ldc + 16 * u) : splat16(0.0f);       \
+        for (int k = 0; k < K; k++) {                                                      \
+            v16 b[NV];                                                                     \
+            for (int u = 0; u < NV; u++) b[u] = load16(B + k * ldb + 16 * u);              \
+            for (int r = 0; r < 4; r++) {                                                  \
+                v16 a = splat16(At[k * lda + r]);                                          \
+                for (int u = 0; u < NV; u++) c[r][u] += a * b[u];                          \
+            }                                                                              \
+        }                                                                                  \
+        for (int r = 0; r < 4; r++)                                                        \
+            for (int u = 0; u < NV; u++) store16(C + r * ldc + 16 * u, c[r][u]);           \
+    }
+BASED_TILE_TN(1)
+BASED_TILE_TN(2)
+BASED_TILE_TN(3)
+BASED_TILE_TN(4)
+#undef BASED_TILE_TN
+
+/* C[M x N] (+)= A B with A given transposed, At [K x M] (row stride lda); M a multiple
+ * of 4, N of 16. */
+static void based_gemm_tn(int M, int N, int K, const float *At, int lda, const float *B, int ldb,
+                          float *C, int ldc, int accumulate) {
+    for (int i = 0; i < M; i += 4) {
+        int j = 0;
+        for (; j + 64 <= N; j += 64)
+            based_tn4x4(K, At + i, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate);
+        switch ((N - j) / 16) {
+        case 3: based_tn4x3(K, At + i, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate); break;
+        case 2: based_tn4x2(K, At + i, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate); break;
+        case 1: based_tn4x1(K, At + i, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate); break;
+        default: break;
+        }
+    }
+}
+
+/* The Taylor features of c tokens (c a multiple of 16) as rows ph [F x c], from the
+ * projections as rows yt [dp x c] (row stride ldy): 1, y_a, y_a^2 * sq, y_a y_b (a < b). */
+static void taylor_rows(float *ph, int c, const float *yt, int ldy, int dp, float sq) {
+    float *row = ph;
+    for (int j = 0; j < c; j += 16) store16(row + j, splat16(1.0f));
+    row += c;
+    for (int a = 0; a < dp; a++, row += c) memcpy(row, yt + (size_t)a * ldy, sizeof(float) * c);
+    for (int a = 0; a < dp; a++, row += c)
+        for (int j = 0; j < c; j += 16) {
+            v16 y = load16(yt + (size_t)a * ldy + j);
+            store16(row + j, y * y * sq);
+        }
+    for (int a = 0; a < dp; a++)
+        for (int b = a + 1; b < dp; b++, row += c)
+            for (int j = 0; j < c; j += 16)
+                store16(row + j, load16(yt + (size_t)a * ldy + j) * load16(yt + (size_t)b * ldy + j));
+}
+
+typedef struct {
+    int c, h, span, w, dp4, dp16, f, fp;
+} based_dims;
+
+static based_dims dims_of(const based_args *a) {
+    based_dims m;
+    m.c = a->chunk;
+    m.w = a->window;
+    m.h = based_up(m.w - 1, 16);
+    m.span = m.h + m.c;
+    m.dp4 = based_up(a->dp, 4);
+    m.dp16 = based_up(a->dp, 16);
+    m.f = 1 + a->dp + a->dp * (a->dp + 1) / 2;
+    m.fp = based_up(m.f, 4);
+    return m;
+}
+
+static size_t buffer_floats(const based_args *a, based_dims m) {
+    return (size_t)a->d * m.span + (size_t)m.span * a->dv + (size_t)m.dp4 * m.span +
+           (size_t)m.c * a->d + (size_t)m.c * m.dp16 + (size_t)a->dp * m.c + (size_t)m.fp * m.c +
+           2 * (size_t)m.c * m.span + (size_t)m.c * a->dv + m.c + (size_t)m.fp * a->dv + m.fp;
+}
+
+static void based_row(const based_args *a, based_dims m, int row, float *buf) {
+    const int n = a->n, d = a->d, dv = a->dv, dp = a->dp, g = a->g;
+    const int c = m.c, h = m.h, span = m.span, w = m.w, dp16 = m.dp16, f = m.f, fp = m.fp;
+    const float scale = a->scale;
+    float *kt = buf, *vs = kt + (size_t)d * span, *ykt = vs + (size_t)span * dv;
+    float *qb = ykt + (size_t)m.dp4 * span, *yq = qb + (size_t)c * d, *yqt = yq + (size_t)c * dp16;
+    float *ph = yqt + (size_t)dp * c, *sc = ph + (size_t)fp * c, *tt = sc + (size_t)c * span;
+    float *ob = tt + (size_t)c * span, *den = ob + (size_t)c * dv, *s = den + c, *z = s + (size_t)fp * dv;
+    memset(buf, 0, sizeof(float) * buffer_floats(a, m));
+    const float *kr = a->k + (size_t)row * n * d, *vr = a->v + (size_t)row * n * dv;
+    v16 iota;
+    for (int u = 0; u < 16; u++) iota[u] = (float)u;
+    const int ncols = based_up(w + 3, 16); /* a band's window columns, whole vectors */
+
+    for (int t0 = 0; t0 < n; t0 += c) {
+        const int ct = n - t0 < c ? n - t0 : c;
+        if (t0 > 0) {
+            /* the span's first c keys (positions t0 - c - h + j) leave it for the state */
+            int first = h + c - t0; /* columns before it are positions < 0: no keys */
+            if (first < c) {
+                if (first < 0) first = 0;
+                taylor_rows(ph, c, ykt, span, dp, 1.0f);
+                gemm(fp, dv, c, ph, c, vs, dv, s, dv, 1);
+                z[0] += (float)(c - first);
+                for (int e = 1; e < f; e++) {
+                    v16 acc = splat16(0.0f);
+                    for (int j = 0; j < c; j += 16) acc += load16(ph + (size_t)e * c + j);
+                    z[e] += based_hsum(acc);
+                }
+            }
+            for (int r = 0; r < d; r++) memmove(kt + (size_t)r * span, kt + (size_t)r * span + c, sizeof(float) * h);
+            for (int r = 0; r < dp; r++)
+                memmove(ykt + (size_t)r * span, ykt + (size_t)r * span + c, sizeof(float) * h);
+            memmove(vs, vs + (size_t)c * dv, sizeof(float) * h * dv);
+        }
+        /* the chunk's keys (transposed), values and projected keys at columns h .. span */
+        for (int j = 0; j < ct; j++) {
+            const float *kj = kr + (size_t)(t0 + j) * d;
+            for (int e = 0; e < d; e++) kt[(size_t)e * span + h + j] = kj[e];
+        }
+        if (ct < c)
+            for (int e = 0; e < d; e++) memset(kt + (size_t)e * span + h + ct, 0, sizeof(float) * (c - ct));
+        memcpy(vs + (size_t)h * dv, vr + (size_t)t0 * dv, sizeof(float) * ct * dv);
+        memset(vs + (size_t)(h + ct) * dv, 0, sizeof(float) * (c - ct) * dv);
+        gemm(m.dp4, c, d, a->pt, d, kt + h, span, ykt + h, span, 0);
+        const int jmin = h - t0 > 0 ? h - t0 : 0; /* span columns of positions >= 0 */
+
+        for (int hq = 0; hq < g; hq++) {
+            const size_t at = ((size_t)row * g + hq) * n + t0;
+            const float *qp = a->q + at * d;
+            if (ct < c) {
+                memcpy(qb, qp, sizeof(float) * ct * d);
+                memset(qb + (size_t)ct * d, 0, sizeof(float) * (c - ct) * d);
+                qp = qb;
+            }
+            gemm(c, dp16, d, qp, d, a->pp, dp16, yq, dp16, 0);
+            for (int r = 0; r < c; r++)
+                for (int e = 0; e < dp; e++) yqt[(size_t)e * c + r] = yq[(size_t)r * dp16 + e];
+            taylor_rows(ph, c, yqt, c, dp, 0.5f);
+            based_gemm_tn(c, dv, f, ph, c, s, dv, ob, dv, 0); /* phi(q) S */
+            for (int r = 0; r < c; r += 16) {                  /* phi(q).z */
+                v16 acc = splat16(0.0f);
+                for (int e = 0; e < f; e++) acc += load16(ph + (size_t)e * c + r) * z[e];
+                store16(den + r, acc);
+            }
+            for (int i0 = 0; i0 < c; i0 += 4) {
+                int cs = i0 + h - w + 1;
+                if (cs > span - ncols) cs = span - ncols;
+                gemm_rows4(ncols, d, qp + (size_t)i0 * d, d, kt + cs, span, sc + (size_t)i0 * span + cs, span, 0);
+                const int te = i0 + h - w + 4; /* Taylor columns of the band: j < te */
+                if (te > jmin) {
+                    int nt = based_up(te, 16);
+                    if (nt > span) nt = span;
+                    gemm_rows4(nt, dp, yq + (size_t)i0 * dp16, dp16, ykt, span, tt + (size_t)i0 * span, span, 0);
+                }
+                const int kend = i0 + h + 4; /* the band's keys: columns < kend */
+                for (int i = i0; i < i0 + 4; i++) {
+                    float *si = sc + (size_t)i * span;
+                    const float *ti = tt + (size_t)i * span;
+                    const int whi = i + h, thi = i + h - w; /* inclusive ends */
+                    const int wlo = i + h - w + 1 > jmin ? i + h - w + 1 : jmin;
+                    const float fwlo = (float)wlo, fwhi = (float)whi, fthi = (float)thi;
+                    const float fjmin = (float)jmin;
+                    v16 mv = splat16(0.0f); /* M = max(0, the window's scores) */
+                    for (int jb = wlo / 16 * 16; jb <= whi; jb += 16) {
+                        v16 jj = iota + (float)jb;
+                        v16 x = load16(si + jb) * scale;
+                        mv = vmax16(mv, vselect16((jj >= fwlo) & (jj <= fwhi), x, splat16(0.0f)));
+                    }
+                    const float top = based_hmax(mv);
+                    const float shrink = vexp16(splat16(-top))[0]; /* e^-M */
+                    const v16 half_shrink = splat16(0.5f * shrink);
+                    v16 sum = splat16(0.0f);
+                    for (int jb = 0; jb < kend; jb += 16) {
+                        v16 jj = iota + (float)jb, wv = splat16(0.0f);
+                        if (jb + 15 >= wlo && jb <= whi) {
+                            v16 e = vexp16(load16(si + jb) * scale - top);
+                            wv = vselect16((jj >= fwlo) & (jj <= fwhi), e, wv);
+                        }
+                        if (thi >= jmin && jb + 15 >= jmin && jb <= thi) {
+                            v16 t = load16(ti + jb) + 1.0f; /* (1 + t + t²/2) = ((1 + t)² + 1)/2 */
+                            wv = vselect16((jj >= fjmin) & (jj <= fthi), (t * t + 1.0f) * half_shrink, wv);
+                        }
+                        store16(si + jb, wv);
+                        sum += wv;
+                    }
+                    den[i] = den[i] * shrink + based_hsum(sum);
+                    v16 sh = splat16(shrink);
+                    for (int e = 0; e < dv; e += 16) store16(ob + (size_t)i * dv + e, load16(ob + (size_t)i * dv + e) * sh);
+                }
+                gemm_rows4(dv, kend - jmin, sc + (size_t)i0 * span + jmin, span, vs + (size_t)jmin * dv, dv,
+                           ob + (size_t)i0 * dv, dv, 1);
+            }
+            float *o = a->out + at * dv;
+            for (int i = 0; i < ct; i++) {
+                v16 inv = splat16(1.0f / den[i]);
+                for (int e = 0; e < dv; e += 16) store16(o + (size_t)i * dv + e, load16(ob + (size_t)i * dv + e) * inv);
+            }
+        }
+    }
+}
+
+static void *based_rows(void *arg) {
+    based_worker *wk = arg;
+    const based_args *a = wk->a;
+    const based_dims m = dims_of(a);
+    float *buf = aligned_alloc(64, (buffer_floats(a, m) * sizeof(float) + 63) / 64 * 64);
+    if (!buf) {
+        wk->status = 1;
+        return NULL;
+    }
+#ifdef __SSE__
+    unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8040); /* flush-to-zero and denormals-are-zero, this thread only */
+#endif
+    for (int row = wk->first; row < a->rows; row += a->threads) based_row(a, m, row, buf);
+#ifdef __SSE__
+    _mm_setcsr(csr);
+#endif
+    free(buf);
+    wk->status = 0;
+    return NULL;
+}
+
+/* Based's causal attention over `rows` independent (batch, kv head) rows of n tokens, see
+ * the top of this file. proj [d x dp] is the projection to the Taylor map's inputs, scale^1/2
+ * included; all arrays contiguous float32; dv a multiple of 16, chunk a multiple of 16 in
+ * 16 .. 256, 1 <= dp <= d, window >= 1. Returns 0, or a nonzero code: 1 no memory, 2 bad
+ * arguments. */
+int attnlab_based(const float *q, const float *k, const float *v, const float *proj, float *out,
+                  int rows, int g, int n, int d, int dv, int dp, int window, int chunk, float scale,
+                  int threads) {
+    if (dv % 16 || dv <= 0 || d <= 0 || dp < 1 || dp > d || window < 1 || chunk % 16 || chunk < 16 ||
+        chunk > 256 || g < 1 || rows < 1 || n < 0)
+        return 2;
+    if (n == 0) return 0;
+    if (window > n) window = n; /* keys further back than n - 1 do not exist */
+    const int dp4 = based_up(dp, 4), dp16 = based_up(dp, 16);
+    float *pp = calloc((size_t)d * dp16 + (size_t)dp4 * d, sizeof(float));
+    if (!pp) return 1;
+    float *pt = pp + (size_t)d * dp16;
+    for (int e = 0; e < d; e++)
+        for (int u = 0; u < dp; u++) {
+            pp[(size_t)e * dp16 + u] = proj[(size_t)e * dp + u];
+            pt[(size_t)u * d + e] = proj[(size_t)e * dp + u];
+        }
+    if (threads < 1) threads = 1;
+    if (threads > rows) threads = rows;
+    if (threads > 64) threads = 64;
+    based_args a = {q, k, v, pp, pt, out, rows, g, n, d, dv, dp, window, chunk, threads, scale};
+    based_worker workers[64];
+    pthread_t ids[64];
+    int created[64] = {0};
+    for (int t = 0; t < threads; t++) workers[t] = (based_worker){&a, t, 0};
+    for (int t = 1; t < threads; t++) {
+        created[t] = pthread_create(&ids[t], NULL, based_rows, &workers[t]) == 0;
+        if (!created[t]) based_rows(&workers[t]); /* no thread: its rows run here */
+    }
+    based_rows(&workers[0]);
+    int status = 0;
+    for (int t = 0; t < threads; t++) {
+        if (created[t]) pthread_join(ids[t], NULL);
+        if (workers[t].status) status = workers[t].status;
+    }
+    free(pp);
+    return status;
+}
