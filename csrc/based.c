@@ -49,58 +49,118 @@ typedef struct {
 
 static inline int based_up(int x, int m) { return (x + m - 1) / m * m; }
 
+/* All lanes *p, read straight from memory (splat16's 0 + x costs an add and a shuffle). */
+static inline v16 based_bcast(const float *p) {
+    const float x = *p;
+    return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+}
+
+static inline v16 based_swap(v16 x, int b) { /* lanes l and l ^ b exchanged */
+    i16v m;
+    for (int u = 0; u < 16; u++) m[u] = u ^ b;
+    return __builtin_shuffle(x, m);
+}
+
 static inline float based_hsum(v16 x) {
-    float s = 0.0f;
-    for (int u = 0; u < 16; u++) s += x[u];
-    return s;
+    for (int b = 8; b; b >>= 1) x += based_swap(x, b);
+    return x[0];
 }
 
 static inline float based_hmax(v16 x) {
-    float m = x[0];
-    for (int u = 1; u < 16; u++) m = x[u] > m ? x[u] : m;
-    return m;
+    for (int b = 8; b; b >>= 1) x = vmax16(x, based_swap(x, b));
+    return x[0];
 }
 
-/* C[4 x 16*NV] (+)= At^T B for At stored [K x 4] (column r of the tile is At[k*lda + r]). */
-#define BASED_TILE_TN(NV)                                                                  \
-    static inline void based_tn4x##NV(int K, const float *At, int lda, const float *B,     \
-                                      int ldb, float *C, int ldc, int accumulate) {        \
+/* r[0..15] transposed in registers: swap the off-diagonal blocks of 8, then of 4, 2, 1. */
+static inline void based_transpose(v16 r[16]) {
+    for (int b = 8; b; b >>= 1) {
+        i16v lo, hi;
+        for (int u = 0; u < 16; u++) {
+            lo[u] = (u & b) ? 16 + u - b : u;
+            hi[u] = (u & b) ? 16 + u : u + b;
+        }
+        for (int i = 0; i < 16; i++)
+            if (!(i & b)) {
+                v16 x = r[i], y = r[i + b];
+                r[i] = __builtin_shuffle(x, y, lo);
+                r[i + b] = __builtin_shuffle(x, y, hi);
+            }
+    }
+}
+
+/* dst[e * ldd + j] = src[j * lds + e] for j < rows (zeros for rows .. 16), e < 16. */
+static inline void based_transpose16(const float *src, int lds, int rows, float *dst, int ldd) {
+    v16 r[16];
+    for (int j = 0; j < 16; j++) r[j] = j < rows ? load16(src + (size_t)j * lds) : splat16(0.0f);
+    based_transpose(r);
+    for (int e = 0; e < 16; e++) store16(dst + (size_t)e * ldd, r[e]);
+}
+
+/* Part `i0` (of `parts`, in steps of 4) of the cache lines of p[0 .. count) prefetched. */
+static inline void based_prefetch(const float *p, size_t count, int i0, int parts) {
+    const size_t lines = (count + 15) / 16, first = lines * i0 / parts, last = lines * (i0 + 4) / parts;
+    for (size_t l = first; l < last; l++) __builtin_prefetch(p + 16 * l, 0, 3);
+}
+
+/* Register tiles C[4 x 16*NV] (+)= A B over K, A's element (r, k) at A[AT(r, k)]: A
+ * row-major (lda the row stride) or given transposed (lda the stride of its rows k). */
+#define BASED_TILE(NAME, NV, AT)                                                           \
+    static inline void NAME(int K, const float *A, int lda, const float *B, int ldb,       \
+                            float *C, int ldc, int accumulate) {                           \
         v16 c[4][NV];                                                                      \
         for (int r = 0; r < 4; r++)                                                        \
             for (int u = 0; u < NV; u++)                                                   \
                 c[r][u] = accumulate ? load16(C + r * ldc + 16 * u) : splat16(0.0f);       \
         for (int k = 0; k < K; k++) {                                                      \
             v16 b[NV];                                                                     \
-            for (int u = 0; u < NV; u++) b[u] = load16(B + k * ldb + 16 * u);              \
+            for (int u = 0; u < NV; u++) b[u] = load16(B + (size_t)k * ldb + 16 * u);      \
             for (int r = 0; r < 4; r++) {                                                  \
-                v16 a = splat16(At[k * lda + r]);                                          \
+                v16 a = based_bcast(A + (AT));                                             \
                 for (int u = 0; u < NV; u++) c[r][u] += a * b[u];                          \
             }                                                                              \
         }                                                                                  \
         for (int r = 0; r < 4; r++)                                                        \
             for (int u = 0; u < NV; u++) store16(C + r * ldc + 16 * u, c[r][u]);           \
     }
-BASED_TILE_TN(1)
-BASED_TILE_TN(2)
-BASED_TILE_TN(3)
-BASED_TILE_TN(4)
-#undef BASED_TILE_TN
+#define ROW_MAJOR (size_t)r * lda + k
+#define TRANSPOSED (size_t)k * lda + r
+BASED_TILE(based_nn1, 1, ROW_MAJOR)
+BASED_TILE(based_nn2, 2, ROW_MAJOR)
+BASED_TILE(based_nn3, 3, ROW_MAJOR)
+BASED_TILE(based_nn4, 4, ROW_MAJOR)
+BASED_TILE(based_nn5, 5, ROW_MAJOR)
+BASED_TILE(based_tn1, 1, TRANSPOSED)
+BASED_TILE(based_tn2, 2, TRANSPOSED)
+BASED_TILE(based_tn3, 3, TRANSPOSED)
+BASED_TILE(based_tn4, 4, TRANSPOSED)
+BASED_TILE(based_tn5, 5, TRANSPOSED)
+#undef ROW_MAJOR
+#undef TRANSPOSED
+#undef BASED_TILE
 
-/* C[M x N] (+)= A B with A given transposed, At [K x M] (row stride lda); M a multiple
- * of 4, N of 16. */
-static void based_gemm_tn(int M, int N, int K, const float *At, int lda, const float *B, int ldb,
-                          float *C, int ldc, int accumulate) {
-    for (int i = 0; i < M; i += 4) {
-        int j = 0;
-        for (; j + 64 <= N; j += 64)
-            based_tn4x4(K, At + i, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate);
-        switch ((N - j) / 16) {
-        case 3: based_tn4x3(K, At + i, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate); break;
-        case 2: based_tn4x2(K, At + i, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate); break;
-        case 1: based_tn4x1(K, At + i, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate); break;
-        default: break;
-        }
+/* C[4 x N] (+)= A B for one band of 4 rows, N a multiple of 16 (tiles of up to 80
+ * columns); tn: A given transposed, the band's rows its columns. */
+static inline void based_rows4(int tn, int N, int K, const float *A, int lda, const float *B,
+                               int ldb, float *C, int ldc, int accumulate) {
+    int j = 0;
+    for (; N - j > 80; j += 64)
+        (tn ? based_tn4 : based_nn4)(K, A, lda, B + j, ldb, C + j, ldc, accumulate);
+    switch ((N - j) / 16) {
+    case 5: (tn ? based_tn5 : based_nn5)(K, A, lda, B + j, ldb, C + j, ldc, accumulate); break;
+    case 4: (tn ? based_tn4 : based_nn4)(K, A, lda, B + j, ldb, C + j, ldc, accumulate); break;
+    case 3: (tn ? based_tn3 : based_nn3)(K, A, lda, B + j, ldb, C + j, ldc, accumulate); break;
+    case 2: (tn ? based_tn2 : based_nn2)(K, A, lda, B + j, ldb, C + j, ldc, accumulate); break;
+    case 1: (tn ? based_tn1 : based_nn1)(K, A, lda, B + j, ldb, C + j, ldc, accumulate); break;
+    default: break;
     }
+}
+
+/* C[M x N] (+)= A B, M a multiple of 4, N of 16; tn: A given transposed, At [K x M]. */
+static void based_gemm(int tn, int M, int N, int K, const float *A, int lda, const float *B,
+                       int ldb, float *C, int ldc, int accumulate) {
+    for (int i = 0; i < M; i += 4)
+        based_rows4(tn, N, K, tn ? A + i : A + (size_t)i * lda, lda, B, ldb, C + (size_t)i * ldc,
+                    ldc, accumulate);
 }
 
 /* The Taylor features of c tokens (c a multiple of 16) as rows ph [F x c], from the
@@ -122,7 +182,7 @@ static void taylor_rows(float *ph, int c, const float *yt, int ldy, int dp, floa
 }
 
 typedef struct {
-    int c, h, span, w, dp4, dp16, f, fp;
+    int c, h, span, w, dp4, dp16, f, fp, fp16;
 } based_dims;
 
 static based_dims dims_of(const based_args *a) {
@@ -135,13 +195,14 @@ static based_dims dims_of(const based_args *a) {
     m.dp16 = based_up(a->dp, 16);
     m.f = 1 + a->dp + a->dp * (a->dp + 1) / 2;
     m.fp = based_up(m.f, 4);
+    m.fp16 = based_up(m.f, 16);
     return m;
 }
 
 static size_t buffer_floats(const based_args *a, based_dims m) {
     return (size_t)a->d * m.span + (size_t)m.span * a->dv + (size_t)m.dp4 * m.span +
-           (size_t)m.c * a->d + (size_t)m.c * m.dp16 + (size_t)a->dp * m.c + (size_t)m.fp * m.c +
-           2 * (size_t)m.c * m.span + (size_t)m.c * a->dv + m.c + (size_t)m.fp * a->dv + m.fp;
+           (size_t)m.c * a->d + 2 * (size_t)m.c * m.dp16 + (size_t)m.fp16 * m.c +
+           2 * (size_t)m.c * m.span + (size_t)m.c * a->dv + m.c + (size_t)m.fp * a->dv + m.fp16;
 }
 
 static void based_row(const based_args *a, based_dims m, int row, float *buf) {
@@ -150,7 +211,7 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
     const float scale = a->scale;
     float *kt = buf, *vs = kt + (size_t)d * span, *ykt = vs + (size_t)span * dv;
     float *qb = ykt + (size_t)m.dp4 * span, *yq = qb + (size_t)c * d, *yqt = yq + (size_t)c * dp16;
-    float *ph = yqt + (size_t)dp * c, *sc = ph + (size_t)fp * c, *tt = sc + (size_t)c * span;
+    float *ph = yqt + (size_t)dp16 * c, *sc = ph + (size_t)m.fp16 * c, *tt = sc + (size_t)c * span;
     float *ob = tt + (size_t)c * span, *den = ob + (size_t)c * dv, *s = den + c, *z = s + (size_t)fp * dv;
     memset(buf, 0, sizeof(float) * buffer_floats(a, m));
     const float *kr = a->k + (size_t)row * n * d, *vr = a->v + (size_t)row * n * dv;
@@ -166,13 +227,18 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
             if (first < c) {
                 if (first < 0) first = 0;
                 taylor_rows(ph, c, ykt, span, dp, 1.0f);
-                gemm(fp, dv, c, ph, c, vs, dv, s, dv, 1);
-                z[0] += (float)(c - first);
-                for (int e = 1; e < f; e++) {
-                    v16 acc = splat16(0.0f);
-                    for (int j = 0; j < c; j += 16) acc += load16(ph + (size_t)e * c + j);
-                    z[e] += based_hsum(acc);
+                based_gemm(0, fp, dv, c, ph, c, vs, dv, s, dv, 1);
+                for (int e0 = 0; e0 < f; e0 += 16) { /* z += the rows' sums, 16 at a time */
+                    v16 acc[16];
+                    for (int u = 0; u < 16; u++) {
+                        acc[u] = load16(ph + (size_t)(e0 + u) * c);
+                        for (int j = 16; j < c; j += 16) acc[u] += load16(ph + (size_t)(e0 + u) * c + j);
+                    }
+                    based_transpose(acc);
+                    for (int u = 1; u < 16; u++) acc[0] += acc[u];
+                    store16(z + e0, load16(z + e0) + acc[0]);
                 }
+                z[0] -= (float)first; /* the constant feature of no keys */
             }
             for (int r = 0; r < d; r++) memmove(kt + (size_t)r * span, kt + (size_t)r * span + c, sizeof(float) * h);
             for (int r = 0; r < dp; r++)
@@ -180,15 +246,18 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
             memmove(vs, vs + (size_t)c * dv, sizeof(float) * h * dv);
         }
         /* the chunk's keys (transposed), values and projected keys at columns h .. span */
-        for (int j = 0; j < ct; j++) {
-            const float *kj = kr + (size_t)(t0 + j) * d;
-            for (int e = 0; e < d; e++) kt[(size_t)e * span + h + j] = kj[e];
+        for (int j0 = 0; j0 < c; j0 += 16) {
+            const int rows = ct - j0 < 0 ? 0 : ct - j0 < 16 ? ct - j0 : 16;
+            const float *kj = kr + (size_t)(t0 + j0) * d;
+            int e0 = 0;
+            for (; e0 + 16 <= d; e0 += 16)
+                based_transpose16(kj + e0, d, rows, kt + (size_t)e0 * span + h + j0, span);
+            for (; e0 < d; e0++)
+                for (int j = 0; j < 16; j++) kt[(size_t)e0 * span + h + j0 + j] = j < rows ? kj[(size_t)j * d + e0] : 0.0f;
         }
-        if (ct < c)
-            for (int e = 0; e < d; e++) memset(kt + (size_t)e * span + h + ct, 0, sizeof(float) * (c - ct));
         memcpy(vs + (size_t)h * dv, vr + (size_t)t0 * dv, sizeof(float) * ct * dv);
         memset(vs + (size_t)(h + ct) * dv, 0, sizeof(float) * (c - ct) * dv);
-        gemm(m.dp4, c, d, a->pt, d, kt + h, span, ykt + h, span, 0);
+        based_gemm(0, m.dp4, c, d, a->pt, d, kt + h, span, ykt + h, span, 0);
         const int jmin = h - t0 > 0 ? h - t0 : 0; /* span columns of positions >= 0 */
 
         for (int hq = 0; hq < g; hq++) {
@@ -199,25 +268,34 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
                 memset(qb + (size_t)ct * d, 0, sizeof(float) * (c - ct) * d);
                 qp = qb;
             }
-            gemm(c, dp16, d, qp, d, a->pp, dp16, yq, dp16, 0);
-            for (int r = 0; r < c; r++)
-                for (int e = 0; e < dp; e++) yqt[(size_t)e * c + r] = yq[(size_t)r * dp16 + e];
+            based_gemm(0, c, dp16, d, qp, d, a->pp, dp16, yq, dp16, 0);
+            for (int r0 = 0; r0 < c; r0 += 16)
+                for (int e0 = 0; e0 < dp16; e0 += 16)
+                    based_transpose16(yq + (size_t)r0 * dp16 + e0, dp16, 16, yqt + (size_t)e0 * c + r0, c);
             taylor_rows(ph, c, yqt, c, dp, 0.5f);
-            based_gemm_tn(c, dv, f, ph, c, s, dv, ob, dv, 0); /* phi(q) S */
+            based_gemm(1, c, dv, f, ph, c, s, dv, ob, dv, 0); /* phi(q) S */
             for (int r = 0; r < c; r += 16) {                  /* phi(q).z */
                 v16 acc = splat16(0.0f);
                 for (int e = 0; e < f; e++) acc += load16(ph + (size_t)e * c + r) * z[e];
                 store16(den + r, acc);
             }
             for (int i0 = 0; i0 < c; i0 += 4) {
+                if (t0 + c < n) { /* the next chunk's inputs on their way while this one runs */
+                    const float *next = a->q + (at + c) * d;
+                    based_prefetch(next, (size_t)c * d, i0, c);
+                    if (hq == g - 1) {
+                        based_prefetch(kr + (size_t)(t0 + c) * d, (size_t)c * d, i0, c);
+                        based_prefetch(vr + (size_t)(t0 + c) * dv, (size_t)c * dv, i0, c);
+                    }
+                }
                 int cs = i0 + h - w + 1;
                 if (cs > span - ncols) cs = span - ncols;
-                gemm_rows4(ncols, d, qp + (size_t)i0 * d, d, kt + cs, span, sc + (size_t)i0 * span + cs, span, 0);
+                based_rows4(0, ncols, d, qp + (size_t)i0 * d, d, kt + cs, span, sc + (size_t)i0 * span + cs, span, 0);
                 const int te = i0 + h - w + 4; /* Taylor columns of the band: j < te */
                 if (te > jmin) {
                     int nt = based_up(te, 16);
                     if (nt > span) nt = span;
-                    gemm_rows4(nt, dp, yq + (size_t)i0 * dp16, dp16, ykt, span, tt + (size_t)i0 * span, span, 0);
+                    based_rows4(0, nt, dp, yq + (size_t)i0 * dp16, dp16, ykt, span, tt + (size_t)i0 * span, span, 0);
                 }
                 const int kend = i0 + h + 4; /* the band's keys: columns < kend */
                 for (int i = i0; i < i0 + 4; i++) {
@@ -254,7 +332,7 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
                     v16 sh = splat16(shrink);
                     for (int e = 0; e < dv; e += 16) store16(ob + (size_t)i * dv + e, load16(ob + (size_t)i * dv + e) * sh);
                 }
-                gemm_rows4(dv, kend - jmin, sc + (size_t)i0 * span + jmin, span, vs + (size_t)jmin * dv, dv,
+                based_rows4(0, dv, kend - jmin, sc + (size_t)i0 * span + jmin, span, vs + (size_t)jmin * dv, dv,
                            ob + (size_t)i0 * dv, dv, 1);
             }
             float *o = a->out + at * dv;
