@@ -181,8 +181,22 @@ static void taylor_rows(float *ph, int c, const float *yt, int ldy, int dp, floa
                 store16(row + j, load16(yt + (size_t)a * ldy + j) * load16(yt + (size_t)b * ldy + j));
 }
 
+/* Rows p0 .. p0 + count of v [n x dv]: in place, or copied into tmp with zeros for the
+ * positions before 0 or from n on. */
+static const float *based_vrows(const float *v, int n, int dv, int p0, int count, float *tmp) {
+    if (p0 >= 0 && p0 + count <= n) return v + (size_t)p0 * dv;
+    for (int j = 0; j < count; j++) {
+        const int p = p0 + j;
+        if (p >= 0 && p < n)
+            memcpy(tmp + (size_t)j * dv, v + (size_t)p * dv, sizeof(float) * dv);
+        else
+            memset(tmp + (size_t)j * dv, 0, sizeof(float) * dv);
+    }
+    return tmp;
+}
+
 typedef struct {
-    int c, h, span, w, dp4, dp16, f, fp, fp16;
+    int c, h, span, cap, w, dp4, dp16, f, fp, fp16;
 } based_dims;
 
 static based_dims dims_of(const based_args *a) {
@@ -191,6 +205,7 @@ static based_dims dims_of(const based_args *a) {
     m.w = a->window;
     m.h = based_up(m.w - 1, 16);
     m.span = m.h + m.c;
+    m.cap = m.span + 4 * m.c; /* the span slides over 5 chunks' columns, then moves back */
     m.dp4 = based_up(a->dp, 4);
     m.dp16 = based_up(a->dp, 16);
     m.f = 1 + a->dp + a->dp * (a->dp + 1) / 2;
@@ -200,7 +215,7 @@ static based_dims dims_of(const based_args *a) {
 }
 
 static size_t buffer_floats(const based_args *a, based_dims m) {
-    return (size_t)a->d * m.span + (size_t)m.span * a->dv + (size_t)m.dp4 * m.span +
+    return (size_t)a->d * m.cap + (size_t)m.span * a->dv + (size_t)m.dp4 * m.cap +
            (size_t)m.c * a->d + 2 * (size_t)m.c * m.dp16 + (size_t)m.fp16 * m.c +
            2 * (size_t)m.c * m.span + (size_t)m.c * a->dv + m.c + (size_t)m.fp * a->dv + m.fp16;
 }
@@ -209,8 +224,9 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
     const int n = a->n, d = a->d, dv = a->dv, dp = a->dp, g = a->g;
     const int c = m.c, h = m.h, span = m.span, w = m.w, dp16 = m.dp16, f = m.f, fp = m.fp;
     const float scale = a->scale;
-    float *kt = buf, *vs = kt + (size_t)d * span, *ykt = vs + (size_t)span * dv;
-    float *qb = ykt + (size_t)m.dp4 * span, *yq = qb + (size_t)c * d, *yqt = yq + (size_t)c * dp16;
+    const int cap = m.cap;
+    float *kt = buf, *vs = kt + (size_t)d * cap, *ykt = vs + (size_t)span * dv;
+    float *qb = ykt + (size_t)m.dp4 * cap, *yq = qb + (size_t)c * d, *yqt = yq + (size_t)c * dp16;
     float *ph = yqt + (size_t)dp16 * c, *sc = ph + (size_t)m.fp16 * c, *tt = sc + (size_t)c * span;
     float *ob = tt + (size_t)c * span, *den = ob + (size_t)c * dv, *s = den + c, *z = s + (size_t)fp * dv;
     memset(buf, 0, sizeof(float) * buffer_floats(a, m));
@@ -219,6 +235,7 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
     for (int u = 0; u < 16; u++) iota[u] = (float)u;
     const int ncols = based_up(w + 3, 16); /* a band's window columns, whole vectors */
 
+    int base = 0; /* the span's first column in kt and ykt (row stride cap) */
     for (int t0 = 0; t0 < n; t0 += c) {
         const int ct = n - t0 < c ? n - t0 : c;
         if (t0 > 0) {
@@ -226,8 +243,9 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
             int first = h + c - t0; /* columns before it are positions < 0: no keys */
             if (first < c) {
                 if (first < 0) first = 0;
-                taylor_rows(ph, c, ykt, span, dp, 1.0f);
-                based_gemm(0, fp, dv, c, ph, c, vs, dv, s, dv, 1);
+                taylor_rows(ph, c, ykt + base, cap, dp, 1.0f);
+                const float *vleft = based_vrows(vr, n, dv, t0 - c - h, c, vs);
+                based_gemm(0, fp, dv, c, ph, c, vleft, dv, s, dv, 1);
                 for (int e0 = 0; e0 < f; e0 += 16) { /* z += the rows' sums, 16 at a time */
                     v16 acc[16];
                     for (int u = 0; u < 16; u++) {
@@ -240,24 +258,28 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
                 }
                 z[0] -= (float)first; /* the constant feature of no keys */
             }
-            for (int r = 0; r < d; r++) memmove(kt + (size_t)r * span, kt + (size_t)r * span + c, sizeof(float) * h);
-            for (int r = 0; r < dp; r++)
-                memmove(ykt + (size_t)r * span, ykt + (size_t)r * span + c, sizeof(float) * h);
-            memmove(vs, vs + (size_t)c * dv, sizeof(float) * h * dv);
+            base += c;
+            if (base + span > cap) {
+                for (int r = 0; r < d; r++)
+                    memmove(kt + (size_t)r * cap, kt + (size_t)r * cap + base, sizeof(float) * h);
+                for (int r = 0; r < dp; r++)
+                    memmove(ykt + (size_t)r * cap, ykt + (size_t)r * cap + base, sizeof(float) * h);
+                base = 0;
+            }
         }
+        float *kb = kt + base, *ykb = ykt + base;
         /* the chunk's keys (transposed), values and projected keys at columns h .. span */
         for (int j0 = 0; j0 < c; j0 += 16) {
             const int rows = ct - j0 < 0 ? 0 : ct - j0 < 16 ? ct - j0 : 16;
             const float *kj = kr + (size_t)(t0 + j0) * d;
             int e0 = 0;
             for (; e0 + 16 <= d; e0 += 16)
-                based_transpose16(kj + e0, d, rows, kt + (size_t)e0 * span + h + j0, span);
+                based_transpose16(kj + e0, d, rows, kb + (size_t)e0 * cap + h + j0, cap);
             for (; e0 < d; e0++)
-                for (int j = 0; j < 16; j++) kt[(size_t)e0 * span + h + j0 + j] = j < rows ? kj[(size_t)j * d + e0] : 0.0f;
+                for (int j = 0; j < 16; j++) kb[(size_t)e0 * cap + h + j0 + j] = j < rows ? kj[(size_t)j * d + e0] : 0.0f;
         }
-        memcpy(vs + (size_t)h * dv, vr + (size_t)t0 * dv, sizeof(float) * ct * dv);
-        memset(vs + (size_t)(h + ct) * dv, 0, sizeof(float) * (c - ct) * dv);
-        based_gemm(0, m.dp4, c, d, a->pt, d, kt + h, span, ykt + h, span, 0);
+        const float *vsp = based_vrows(vr, n, dv, t0 - h, span, vs); /* the span's values */
+        based_gemm(0, m.dp4, c, d, a->pt, d, kb + h, cap, ykb + h, cap, 0);
         const int jmin = h - t0 > 0 ? h - t0 : 0; /* span columns of positions >= 0 */
 
         for (int hq = 0; hq < g; hq++) {
@@ -290,12 +312,12 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
                 }
                 int cs = i0 + h - w + 1;
                 if (cs > span - ncols) cs = span - ncols;
-                based_rows4(0, ncols, d, qp + (size_t)i0 * d, d, kt + cs, span, sc + (size_t)i0 * span + cs, span, 0);
+                based_rows4(0, ncols, d, qp + (size_t)i0 * d, d, kb + cs, cap, sc + (size_t)i0 * span + cs, span, 0);
                 const int te = i0 + h - w + 4; /* Taylor columns of the band: j < te */
                 if (te > jmin) {
                     int nt = based_up(te, 16);
                     if (nt > span) nt = span;
-                    based_rows4(0, nt, dp, yq + (size_t)i0 * dp16, dp16, ykt, span, tt + (size_t)i0 * span, span, 0);
+                    based_rows4(0, nt, dp, yq + (size_t)i0 * dp16, dp16, ykb, cap, tt + (size_t)i0 * span, span, 0);
                 }
                 const int kend = i0 + h + 4; /* the band's keys: columns < kend */
                 for (int i = i0; i < i0 + 4; i++) {
@@ -332,7 +354,7 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
                     v16 sh = splat16(shrink);
                     for (int e = 0; e < dv; e += 16) store16(ob + (size_t)i * dv + e, load16(ob + (size_t)i * dv + e) * sh);
                 }
-                based_rows4(0, dv, kend - jmin, sc + (size_t)i0 * span + jmin, span, vs + (size_t)jmin * dv, dv,
+                based_rows4(0, dv, kend - jmin, sc + (size_t)i0 * span + jmin, span, vsp + (size_t)jmin * dv, dv,
                            ob + (size_t)i0 * dv, dv, 1);
             }
             float *o = a->out + at * dv;
