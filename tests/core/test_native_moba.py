@@ -108,3 +108,24 @@ def test_moba_gives_the_same_output_with_and_without_the_kernel(causal):
     out = mech(grad_q, k, v, causal=causal)
     assert out.grad_fn is not None
     torch.testing.assert_close(out.detach(), want, rtol=1e-5, atol=2e-6)
+
+
+@needs_library
+def test_moba_kernel_breaks_gate_ties_by_the_lower_block_and_survives_nan():
+    """Blocks 0-2 have equal keys (equal gates, the highest): each query of the last block
+    takes block 0 besides its own. A NaN query (no gate is the largest) leaves the others
+    intact."""
+    block, n = 4, 24
+    q = torch.ones(1, 1, n, 16)
+    k = torch.full((1, 1, n, 16), -1.0)
+    k[:, :, : 3 * block] = 1.0
+    v = torch.arange(n, dtype=torch.float32).view(1, 1, n, 1).expand(1, 1, n, 16).contiguous()
+    got = native.moba(q, k, v, block=block, top_k=2, causal=True, scale=0.25)
+    allowed = torch.zeros(1, 1, n, n, dtype=torch.bool)
+    allowed[..., 20:, :4] = True
+    allowed[..., 20:, 20:] = True
+    want = reference_attention(q, k, v, causal=True, mask=allowed, scale=0.25)
+    torch.testing.assert_close(got[..., 20:, :].double(), want[..., 20:, :])
+    q[0, 0, 21] = float("nan")
+    got = native.moba(q, k, v, block=block, top_k=2, causal=True, scale=0.25)
+    torch.testing.assert_close(got[..., 22:, :].double(), want[..., 22:, :])
