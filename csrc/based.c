@@ -155,6 +155,32 @@ static inline void based_rows4(int tn, int N, int K, const float *A, int lda, co
     }
 }
 
+/* C[M x N] = A B for few columns (the projections: N = 16 or so), M a multiple of 4, N
+ * of 16: a tile of 4 x 16 has too few sums to hide the latency of each multiply-add, so
+ * even and odd k go to separate sums, added at the end. */
+static void based_gemm_narrow(int M, int N, int K, const float *A, int lda, const float *B,
+                              int ldb, float *C, int ldc) {
+    for (int i = 0; i < M; i += 4)
+        for (int j = 0; j < N; j += 16) {
+            v16 c0[4], c1[4];
+            for (int r = 0; r < 4; r++) c0[r] = c1[r] = splat16(0.0f);
+            const float *a = A + (size_t)i * lda;
+            int k = 0;
+            for (; k + 1 < K; k += 2) {
+                v16 b0 = load16(B + (size_t)k * ldb + j), b1 = load16(B + (size_t)(k + 1) * ldb + j);
+                for (int r = 0; r < 4; r++) {
+                    c0[r] += based_bcast(a + (size_t)r * lda + k) * b0;
+                    c1[r] += based_bcast(a + (size_t)r * lda + k + 1) * b1;
+                }
+            }
+            if (k < K) {
+                v16 b0 = load16(B + (size_t)k * ldb + j);
+                for (int r = 0; r < 4; r++) c0[r] += based_bcast(a + (size_t)r * lda + k) * b0;
+            }
+            for (int r = 0; r < 4; r++) store16(C + (size_t)(i + r) * ldc + j, c0[r] + c1[r]);
+        }
+}
+
 /* C[M x N] (+)= A B, M a multiple of 4, N of 16; tn: A given transposed, At [K x M]. */
 static void based_gemm(int tn, int M, int N, int K, const float *A, int lda, const float *B,
                        int ldb, float *C, int ldc, int accumulate) {
@@ -234,6 +260,7 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
     v16 iota;
     for (int u = 0; u < 16; u++) iota[u] = (float)u;
     const int ncols = based_up(w + 3, 16); /* a band's window columns, whole vectors */
+    const int fast = w % 16 == 0 && w <= 128; /* windows of whole vectors (see the weights) */
 
     int base = 0; /* the span's first column in kt and ykt (row stride cap) */
     for (int t0 = 0; t0 < n; t0 += c) {
@@ -290,7 +317,7 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
                 memset(qb + (size_t)ct * d, 0, sizeof(float) * (c - ct) * d);
                 qp = qb;
             }
-            based_gemm(0, c, dp16, d, qp, d, a->pp, dp16, yq, dp16, 0);
+            based_gemm_narrow(c, dp16, d, qp, d, a->pp, dp16, yq, dp16);
             for (int r0 = 0; r0 < c; r0 += 16)
                 for (int e0 = 0; e0 < dp16; e0 += 16)
                     based_transpose16(yq + (size_t)r0 * dp16 + e0, dp16, 16, yqt + (size_t)e0 * c + r0, c);
@@ -327,28 +354,57 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
                     const int wlo = i + h - w + 1 > jmin ? i + h - w + 1 : jmin;
                     const float fwlo = (float)wlo, fwhi = (float)whi, fthi = (float)thi;
                     const float fjmin = (float)jmin;
-                    v16 mv = splat16(0.0f); /* M = max(0, the window's scores) */
-                    for (int jb = wlo / 16 * 16; jb <= whi; jb += 16) {
-                        v16 jj = iota + (float)jb;
-                        v16 x = load16(si + jb) * scale;
-                        mv = vmax16(mv, vselect16((jj >= fwlo) & (jj <= fwhi), x, splat16(0.0f)));
-                    }
-                    const float top = based_hmax(mv);
-                    const float shrink = vexp16(splat16(-top))[0]; /* e^-M */
-                    const v16 half_shrink = splat16(0.5f * shrink);
-                    v16 sum = splat16(0.0f);
-                    for (int jb = 0; jb < kend; jb += 16) {
-                        v16 jj = iota + (float)jb, wv = splat16(0.0f);
-                        if (jb + 15 >= wlo && jb <= whi) {
-                            v16 e = vexp16(load16(si + jb) * scale - top);
-                            wv = vselect16((jj >= fwlo) & (jj <= fwhi), e, wv);
+                    float shrink;
+                    v16 sum;
+                    if (fast && i + h - w + 1 >= jmin) {
+                        /* the whole window from wlo in w / 16 vectors: no masks; its scores are
+                         * read before the Taylor columns (whose last vector reaches into it)
+                         * are written */
+                        v16 x[8], mv = splat16(0.0f);
+                        for (int u = 0; u < w / 16; u++) {
+                            x[u] = load16(si + wlo + 16 * u) * scale;
+                            mv = vmax16(mv, x[u]);
                         }
-                        if (thi >= jmin && jb + 15 >= jmin && jb <= thi) {
-                            v16 t = load16(ti + jb) + 1.0f; /* (1 + t + t²/2) = ((1 + t)² + 1)/2 */
-                            wv = vselect16((jj >= fjmin) & (jj <= fthi), (t * t + 1.0f) * half_shrink, wv);
+                        const float top = based_hmax(mv);
+                        shrink = vexp16(splat16(-top))[0];
+                        const v16 half_shrink = splat16(0.5f * shrink);
+                        sum = splat16(0.0f);
+                        for (int jb = jmin / 16 * 16; jb <= thi; jb += 16) {
+                            v16 jj = iota + (float)jb, t = load16(ti + jb) + 1.0f;
+                            v16 wv = vselect16((jj >= fjmin) & (jj <= fthi), (t * t + 1.0f) * half_shrink, splat16(0.0f));
+                            store16(si + jb, wv);
+                            sum += wv;
                         }
-                        store16(si + jb, wv);
-                        sum += wv;
+                        for (int u = 0; u < w / 16; u++) {
+                            v16 e = vexp16(x[u] - top);
+                            store16(si + wlo + 16 * u, e);
+                            sum += e;
+                        }
+                        for (int j = whi + 1; j < kend; j++) si[j] = 0.0f;
+                    } else {
+                        v16 mv = splat16(0.0f); /* M = max(0, the window's scores) */
+                        for (int jb = wlo / 16 * 16; jb <= whi; jb += 16) {
+                            v16 jj = iota + (float)jb;
+                            v16 x = load16(si + jb) * scale;
+                            mv = vmax16(mv, vselect16((jj >= fwlo) & (jj <= fwhi), x, splat16(0.0f)));
+                        }
+                        const float top = based_hmax(mv);
+                        shrink = vexp16(splat16(-top))[0]; /* e^-M */
+                        const v16 half_shrink = splat16(0.5f * shrink);
+                        sum = splat16(0.0f);
+                        for (int jb = 0; jb < kend; jb += 16) {
+                            v16 jj = iota + (float)jb, wv = splat16(0.0f);
+                            if (jb + 15 >= wlo && jb <= whi) {
+                                v16 e = vexp16(load16(si + jb) * scale - top);
+                                wv = vselect16((jj >= fwlo) & (jj <= fwhi), e, wv);
+                            }
+                            if (thi >= jmin && jb + 15 >= jmin && jb <= thi) {
+                                v16 t = load16(ti + jb) + 1.0f; /* (1 + t + t²/2) = ((1 + t)² + 1)/2 */
+                                wv = vselect16((jj >= fjmin) & (jj <= fthi), (t * t + 1.0f) * half_shrink, wv);
+                            }
+                            store16(si + jb, wv);
+                            sum += wv;
+                        }
                     }
                     den[i] = den[i] * shrink + based_hsum(sum);
                     v16 sh = splat16(shrink);
