@@ -250,37 +250,68 @@ static void select_blocks(const moba_args *a, moba_scratch *w, const float *q, c
         }
 }
 
-/* The running softmax of rows r0..r0+3 of a tile after their scores s (row stride bp):
- * s becomes the probabilities exp(s - m), zero past each row's visible count (up to
- * kmax), and alpha the factor that rescales what was accumulated before. */
+/* Lane-wise maximum in one instruction where AVX-512 has it (vmax16 is a compare and a
+ * select). */
+static inline v16 vfmax16(v16 a, v16 b) {
+#ifdef __AVX512F__
+    return (v16)_mm512_max_ps((__m512)a, (__m512)b);
+#else
+    return vmax16(a, b);
+#endif
+}
+
+/* 2^x for x <= 0 to ~2 ulp; below -126 it gives 2^-126 (never a subnormal). n = round(x),
+ * r = x - n in [-1/2, 1/2], 2^r by its degree-6 Taylor polynomial (error < 1.3e-7), 2^n in
+ * the exponent bits. Cheaper than vexp16: no upper clamp, no two-part reduction. */
+static inline v16 vexp2_16(v16 x) {
+    x = vfmax16(x, splat16(-126.0f));
+    const v16 magic = splat16(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    const v16 n = (x + magic) - magic;
+    const v16 r = x - n;
+    v16 p = splat16(1.5403530393381609e-4f); /* ln2^6 / 6! */
+    p = p * r + 1.3333558146428443e-3f;      /* ln2^5 / 5! */
+    p = p * r + 9.6181291076284772e-3f;      /* ln2^4 / 4! */
+    p = p * r + 5.5504108664821580e-2f;      /* ln2^3 / 3! */
+    p = p * r + 2.4022650695910071e-1f;      /* ln2^2 / 2! */
+    p = p * r + 6.9314718055994531e-1f;      /* ln2 */
+    p = p * r + 1.0f;
+    i16v bits = (__builtin_convertvector(n, i16v) + 127) << 23;
+    v16 scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* The running softmax of rows r0..r0+3 of a tile after their scores s (row stride bp), in
+ * base 2 (the queries carry the factor log2 e): s becomes the probabilities 2^(s - m), zero
+ * past each row's visible count (up to kmax), and alpha the factor that rescales what was
+ * accumulated before. */
 static void softmax_band(moba_scratch *w, float *s, int bp, int r0, int rows, int kmax) {
     const i16v lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const v16 ninf = splat16(-INFINITY);
     for (int r = r0; r < r0 + rows; r++) {
         float *row = s + (size_t)(r - r0) * bp;
         const int c = w->cvis[r], i = w->rows[r], cf = c / 16 * 16;
-        v16 vm = splat16(-INFINITY);
-        for (int u = 0; u < cf; u += 16) vm = vmax16(vm, load16(row + u));
-        float mx = -INFINITY;
-        for (int u = 0; u < 16; u++) mx = vm[u] > mx ? vm[u] : mx;
-        for (int u = cf; u < c; u++) mx = row[u] > mx ? row[u] : mx;
-        const float mo = w->m[i], mn = mo > mx ? mo : mx;
+        const i16v tail = lane < (c - cf);
+        v16 vm = ninf;
+        for (int u = 0; u < cf; u += 16) vm = vfmax16(vm, load16(row + u));
+        if (cf < c) vm = vfmax16(vm, vselect16(tail, load16(row + cf), ninf));
+        const float mx = hmax16(vm), mo = w->m[i], mn = mo > mx ? mo : mx;
         const v16 vmn = splat16(mn);
         v16 vs = splat16(0.0f);
         for (int u = 0; u < cf; u += 16) {
-            v16 p = vexp16(load16(row + u) - vmn);
+            v16 p = vexp2_16(load16(row + u) - vmn);
             store16(row + u, p);
             vs += p;
         }
         if (cf < c) {
-            v16 p = vexp16(load16(row + cf) - vmn);
-            p = vselect16(lane < (c - cf), p, splat16(0.0f));
+            v16 p = vselect16(tail, vexp2_16(load16(row + cf) - vmn), splat16(0.0f));
             store16(row + cf, p);
             vs += p;
         }
         for (int u = round_up(c, 16); u < kmax; u++) row[u] = 0.0f;
         float sum = 0.0f;
         for (int u = 0; u < 16; u++) sum += vs[u];
-        const float al = mo == -INFINITY ? 0.0f : expf(mo - mn);
+        const float al = mo == -INFINITY ? 0.0f : exp2f(mo - mn);
         w->alpha[r] = al;
         w->m[i] = mn;
         w->l[i] = w->l[i] * al + sum;
@@ -294,13 +325,14 @@ static void softmax_band(moba_scratch *w, float *s, int bp, int r0, int rows, in
 static void attend_tile(const moba_args *a, moba_scratch *w, const float *q, const float *vj,
                         float *out, int t, const int *next, int nnext) {
     const int d = a->d, dv = a->dv, bp = w->bp, tp = round_up(t, 4);
-    const v16 sc = splat16(a->scale);
+    const float scale = a->scale * 1.4426950408889634f; /* log2 e: softmax in base 2 */
+    const v16 sc = splat16(scale);
     for (int r = 0; r < t; r++) {
         const float *src = q + (size_t)w->rows[r] * d;
         float *dst = w->qt + (size_t)r * d;
         int e = 0;
         for (; e + 16 <= d; e += 16) store16(dst + e, load16(src + e) * sc);
-        for (; e < d; e++) dst[e] = src[e] * a->scale;
+        for (; e < d; e++) dst[e] = src[e] * scale;
     }
     if (tp > t) memset(w->qt + (size_t)t * d, 0, sizeof(float) * (tp - t) * d);
     const int per_band = (nnext + tp / 4 - 1) / (tp / 4); /* spread over the bands */
