@@ -37,13 +37,13 @@ typedef struct {
     const float *pp;        /* the projection [d x dp16], zero columns after dp */
     const float *pt;        /* its transpose [dp4 x d], zero rows after dp */
     float *out;             /* [rows, g, n, dv] */
+    int *next_row;          /* the next row a worker takes (rows go to whoever is free) */
     int rows, g, n, d, dv, dp, window, chunk, threads;
     float scale;
 } based_args;
 
 typedef struct {
     const based_args *a;
-    int first;
     int status;
 } based_worker;
 
@@ -435,7 +435,8 @@ static void *based_rows(void *arg) {
     unsigned int csr = _mm_getcsr();
     _mm_setcsr(csr | 0x8040); /* flush-to-zero and denormals-are-zero, this thread only */
 #endif
-    for (int row = wk->first; row < a->rows; row += a->threads) based_row(a, m, row, buf);
+    for (int row; (row = __atomic_fetch_add(a->next_row, 1, __ATOMIC_RELAXED)) < a->rows;)
+        based_row(a, m, row, buf);
 #ifdef __SSE__
     _mm_setcsr(csr);
 #endif
@@ -469,11 +470,13 @@ int attnlab_based(const float *q, const float *k, const float *v, const float *p
     if (threads < 1) threads = 1;
     if (threads > rows) threads = rows;
     if (threads > 64) threads = 64;
-    based_args a = {q, k, v, pp, pt, out, rows, g, n, d, dv, dp, window, chunk, threads, scale};
+    int next_row = 0; /* a core busy elsewhere (another runtime's spinning thread) delays
+                       * only the rows it takes */
+    based_args a = {q, k, v, pp, pt, out, &next_row, rows, g, n, d, dv, dp, window, chunk, threads, scale};
     based_worker workers[64];
     pthread_t ids[64];
     int created[64] = {0};
-    for (int t = 0; t < threads; t++) workers[t] = (based_worker){&a, t, 0};
+    for (int t = 0; t < threads; t++) workers[t] = (based_worker){&a, 0};
     for (int t = 1; t < threads; t++) {
         created[t] = pthread_create(&ids[t], NULL, based_rows, &workers[t]) == 0;
         if (!created[t]) based_rows(&workers[t]); /* no thread: its rows run here */
