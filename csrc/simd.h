@@ -17,7 +17,9 @@ typedef int32_t i16v __attribute__((vector_size(64)));
 
 static inline v16 load16(const float *p) { return *(const v16u *)p; }
 static inline void store16(float *p, v16 x) { *(v16u *)p = x; }
-static inline v16 splat16(float x) { return (v16){0} + x; }
+/* All lanes x; written out lane by lane, so that GCC broadcasts straight from memory
+ * (`(v16){0} + x` compiles to an add and a shuffle on the FMA port: ~20% slower tiles). */
+static inline v16 splat16(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
 /* Lanes of a where m is set (all bits), else of b: C has no ?: on vectors. */
 static inline v16 vselect16(i16v m, v16 a, v16 b) {
