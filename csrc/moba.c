@@ -10,14 +10,16 @@
  * block index wins here).
  *
  * Per (batch, query head), with the kv head of its group:
- *   1. the gate: block means of K, transposed, times the queries (a GEMM per 64 queries),
- *      and the top blocks of each query by insertion into a short sorted list;
+ *   1. the gate: block means of K, transposed, times the queries (a GEMM per 64 queries,
+ *      causal: only the columns of past blocks), and the top blocks of each query by
+ *      repeated vector maxima (the first of equal gates);
  *   2. the queries that chose each key block, as lists (CSR), in query order;
  *   3. key block by key block (its keys transposed once into [D, block], its values read in
- *      place): its own queries (under the causal rule only the visible prefix of each tile of
- *      64 queries is computed), then the queries that chose it, 64 at a time, gathered into a
- *      tile: S = scale Q K_j^T, an online softmax per query (running max and sum per query,
- *      the running numerator accumulated in the output rows), then P V_j;
+ *      place): its own queries, then the queries that chose it, 64 at a time, gathered into
+ *      a tile (scaled by scale * log2 e) and taken in bands of 4: S = Q K_j^T (under the
+ *      causal rule only the columns the band sees), an online softmax per query in base 2
+ *      (running max and sum per query, the running numerator accumulated in the output
+ *      rows), then P V_j, all in L1; the next tile's rows are prefetched meanwhile;
  *   4. the division by each query's sum (rows that saw nothing are zero).
  * Heads are split over threads (each with its own scratch, flushing subnormals).
  */
@@ -109,8 +111,8 @@ typedef struct {
     float *m, *l;   /* [nq]: running max and sum */
     float *kt;      /* [d, bp]: one key block transposed */
     float *qt;      /* [TILE, d]: gathered queries, scaled */
-    float *s;       /* [TILE, bp]: scores, then probabilities */
-    float *ot;      /* [TILE, dv] */
+    float *s;       /* [4, bp]: one band's scores, then probabilities */
+    float *ot;      /* [4, dv]: one band's P V_j */
     float *alpha;   /* [TILE] */
     int *sel;       /* [nq, slots] */
     int *start;     /* [nkb + 1]: CSR offsets of the lists */
@@ -430,7 +432,7 @@ static void *moba_rows(void *arg) {
     if (w.slots < 0) w.slots = 0;
     const int d = a->d, dv = a->dv, nq = a->nq;
     const size_t floats = (size_t)d * w.nkbp + (size_t)GATE_ROWS * w.nkbp + 4 * (size_t)d + 2 * (size_t)nq +
-                          (size_t)d * w.bp + (size_t)TILE * d + (size_t)TILE * w.bp + (size_t)TILE * dv + TILE;
+                          (size_t)d * w.bp + (size_t)TILE * d + 4 * (size_t)w.bp + 4 * (size_t)dv + TILE;
     const size_t ints = 2 * (size_t)nq * w.slots + 4 * ((size_t)w.nkb + 1) + 2 * TILE;
     float *fbuf = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
     int *ibuf = malloc(ints * sizeof(int));
@@ -448,8 +450,8 @@ static void *moba_rows(void *arg) {
     w.l = f, f += nq;
     w.kt = f, f += (size_t)d * w.bp;
     w.qt = f, f += (size_t)TILE * d;
-    w.s = f, f += (size_t)TILE * w.bp;
-    w.ot = f, f += (size_t)TILE * dv;
+    w.s = f, f += 4 * (size_t)w.bp;
+    w.ot = f, f += 4 * (size_t)dv;
     w.alpha = f;
     int *p = ibuf;
     w.sel = p, p += (size_t)nq * w.slots;
