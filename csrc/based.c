@@ -96,12 +96,6 @@ static inline void based_transpose16(const float *src, int lds, int rows, float 
     for (int e = 0; e < 16; e++) store16(dst + (size_t)e * ldd, r[e]);
 }
 
-/* Part `i0` (of `parts`, in steps of 4) of the cache lines of p[0 .. count) prefetched. */
-static inline void based_prefetch(const float *p, size_t count, int i0, int parts) {
-    const size_t lines = (count + 15) / 16, first = lines * i0 / parts, last = lines * (i0 + 4) / parts;
-    for (size_t l = first; l < last; l++) __builtin_prefetch(p + 16 * l, 0, 3);
-}
-
 /* Register tiles C[4 x 16*NV] (+)= A B over K, A's element (r, k) at A[AT(r, k)]: A
  * row-major (lda the row stride) or given transposed (lda the stride of its rows k). */
 #define BASED_TILE(NAME, NV, AT)                                                           \
@@ -329,14 +323,6 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
                 store16(den + r, acc);
             }
             for (int i0 = 0; i0 < c; i0 += 4) {
-                if (t0 + c < n) { /* the next chunk's inputs on their way while this one runs */
-                    const float *next = a->q + (at + c) * d;
-                    based_prefetch(next, (size_t)c * d, i0, c);
-                    if (hq == g - 1) {
-                        based_prefetch(kr + (size_t)(t0 + c) * d, (size_t)c * d, i0, c);
-                        based_prefetch(vr + (size_t)(t0 + c) * dv, (size_t)c * dv, i0, c);
-                    }
-                }
                 int cs = i0 + h - w + 1;
                 if (cs > span - ncols) cs = span - ncols;
                 based_rows4(0, ncols, d, qp + (size_t)i0 * d, d, kb + cs, cap, sc + (size_t)i0 * span + cs, span, 0);
