@@ -93,6 +93,7 @@ typedef struct {
     const float *q, *k, *v; /* q [heads, nq, d], k [kv heads, nk, d], v [kv heads, nk, dv] */
     float *out;             /* [heads, nq, dv] */
     int heads, hq, hkv, nq, nk, d, dv, block, top_k, causal, threads;
+    int parts; /* each head's queries split in this many ranges (work items) */
     float scale;
 } moba_args;
 
@@ -178,14 +179,15 @@ static void gate_rows(const moba_args *a, moba_scratch *w, const float *q, int r
     }
 }
 
-/* Steps 1 and 2: each query's other blocks, listed per key block. */
-static void select_blocks(const moba_args *a, moba_scratch *w, const float *q, const float *k) {
-    const int d = a->d, nkb = w->nkb, nkbp = w->nkbp, slots = w->slots, nq = a->nq;
+/* Steps 1 and 2 for queries qa..qb-1: each one's other blocks, listed per key block. */
+static void select_blocks(const moba_args *a, moba_scratch *w, const float *q, const float *k,
+                          int qa, int qb) {
+    const int d = a->d, nkb = w->nkb, nkbp = w->nkbp, slots = w->slots;
     for (int j = 0; j < nkb; j++) {
-        w->own_lo[j] = nq;
+        w->own_lo[j] = qb;
         w->own_hi[j] = 0;
     }
-    for (int i = 0; i < nq; i++) {
+    for (int i = qa; i < qb; i++) {
         int o = own_block(a, i);
         if (o < 0) continue;
         if (i < w->own_lo[o]) w->own_lo[o] = i;
@@ -205,8 +207,8 @@ static void select_blocks(const moba_args *a, moba_scratch *w, const float *q, c
         }
         for (int e = 0; e < d; e++) w->means_t[(size_t)e * nkbp + j] = col[e] / (float)len;
     }
-    for (int r0 = 0; r0 < nq; r0 += GATE_ROWS) {
-        const int rows = nq - r0 < GATE_ROWS ? nq - r0 : GATE_ROWS;
+    for (int r0 = qa; r0 < qb; r0 += GATE_ROWS) {
+        const int rows = qb - r0 < GATE_ROWS ? qb - r0 : GATE_ROWS;
         /* the gate is read where more blocks are eligible than slots: causal, the blocks
          * before the chunk's last own block (own blocks never decrease) */
         const int last = own_block(a, r0 + rows - 1);
@@ -245,7 +247,7 @@ static void select_blocks(const moba_args *a, moba_scratch *w, const float *q, c
         w->start[j + 1] += w->start[j];
         w->fill[j] = w->start[j];
     }
-    for (int i = 0; i < nq; i++)
+    for (int i = qa; i < qb; i++)
         for (int u = 0; u < slots; u++) {
             const int j = w->sel[(size_t)i * slots + u];
             if (j >= 0) w->list[w->fill[j]++] = i;
@@ -365,14 +367,15 @@ static void attend_tile(const moba_args *a, moba_scratch *w, const float *q, con
     }
 }
 
-static void moba_head(const moba_args *a, moba_scratch *w, int head) {
+/* Queries qa..qb-1 of one head. */
+static void moba_head(const moba_args *a, moba_scratch *w, int head, int qa, int qb) {
     const int d = a->d, dv = a->dv, nq = a->nq, nk = a->nk, bp = w->bp;
     const int kvh = head / a->hq * a->hkv + head % a->hq / (a->hq / a->hkv);
     const float *q = a->q + (size_t)head * nq * d;
     const float *k = a->k + (size_t)kvh * nk * d, *v = a->v + (size_t)kvh * nk * dv;
     float *out = a->out + (size_t)head * nq * dv;
-    select_blocks(a, w, q, k);
-    for (int i = 0; i < nq; i++) {
+    select_blocks(a, w, q, k, qa, qb);
+    for (int i = qa; i < qb; i++) {
         w->m[i] = -INFINITY;
         w->l[i] = 0.0f;
     }
@@ -410,7 +413,7 @@ static void moba_head(const moba_args *a, moba_scratch *w, int head) {
             attend_tile(a, w, q, vj, out, t, list + r0 + t, nn);
         }
     }
-    for (int i = 0; i < nq; i++) {
+    for (int i = qa; i < qb; i++) {
         float *acc = out + (size_t)i * dv;
         if (w->l[i] > 0.0f) {
             const v16 inv = splat16(1.0f / w->l[i]);
@@ -466,7 +469,12 @@ static void *moba_rows(void *arg) {
     unsigned int csr = _mm_getcsr();
     _mm_setcsr(csr | 0x8040); /* flush-to-zero and denormals-are-zero, this thread only */
 #endif
-    for (int head = wk->first; head < a->heads; head += a->threads) moba_head(a, &w, head);
+    for (int item = wk->first; item < a->heads * a->parts; item += a->threads) {
+        const int part = item % a->parts;
+        const long nq = a->nq; /* the queries split evenly; under the causal rule the first
+                                  ones have fewer eligible blocks, a small imbalance */
+        moba_head(a, &w, item / a->parts, (int)(nq * part / a->parts), (int)(nq * (part + 1) / a->parts));
+    }
 #ifdef __SSE__
     _mm_setcsr(csr);
 #endif
@@ -486,9 +494,18 @@ int attnlab_moba(const float *q, const float *k, const float *v, float *out, int
         heads % hq || nq < 1 || nk < 1 || block < 1 || top_k < 1)
         return 2;
     if (threads < 1) threads = 1;
-    if (threads > heads) threads = heads;
     if (threads > 64) threads = 64;
-    moba_args a = {q, k, v, out, heads, hq, hkv, nq, nk, d, dv, block, top_k, causal != 0, threads, scale};
+    /* work items: heads x parts query ranges, as many per thread (parts = threads / gcd) */
+    int g = heads, r = threads;
+    while (r) {
+        const int t = g % r;
+        g = r;
+        r = t;
+    }
+    int parts = threads / g;
+    if (parts > nq) parts = nq;
+    if (threads > heads * parts) threads = heads * parts;
+    moba_args a = {q, k, v, out, heads, hq, hkv, nq, nk, d, dv, block, top_k, causal != 0, threads, parts, scale};
     moba_worker workers[64];
     pthread_t ids[64];
     int created[64] = {0};

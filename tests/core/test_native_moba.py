@@ -36,6 +36,7 @@ SHAPES = {
     "one-block": (1, 2, 2, 30, 30, 16, 16, 64, 3),
     "top-1": (1, 2, 2, 40, 40, 16, 16, 8, 1),
     "long-tiles": (1, 2, 1, 600, 600, 16, 16, 32, 4),
+    "one-head": (1, 1, 1, 90, 90, 16, 16, 16, 3),
 }
 
 
@@ -64,6 +65,22 @@ def test_moba_kernel_equals_the_torch_path_and_the_dense_reference(shape, causal
     with torch.no_grad():
         plain = mech(q, k, v, causal=causal, scale=scale)
     torch.testing.assert_close(got, plain, rtol=1e-5, atol=2e-6)
+
+
+@needs_library
+@pytest.mark.parametrize("causal", [False, True])
+def test_moba_kernel_is_the_same_on_any_number_of_threads(causal):
+    """Heads that do not divide among the threads are split into query ranges: the same
+    output on 1, 2, 3 and 4 threads (5 heads, 1 to 4 ranges each)."""
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 5, 90, 16, generator=gen)
+    k, v = (torch.randn(1, 5, 90, 16, generator=gen) for _ in "kv")
+    outs = [
+        native.moba(q, k, v, block=8, top_k=3, causal=causal, scale=0.25, threads=t)
+        for t in (1, 2, 3, 4)
+    ]
+    for got in outs[1:]:
+        assert torch.equal(got, outs[0])
 
 
 @needs_library

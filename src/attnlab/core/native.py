@@ -156,13 +156,15 @@ def moba(
     top_k: int,
     causal: bool,
     scale: float,
+    threads: int | None = None,
 ) -> torch.Tensor:
     """MoBA attention (Lu et al., arXiv:2502.13189) in ``csrc/moba.c``: the gate, the
     top-k block selection of :func:`attnlab.mechanisms.sparse.moba.moba_select` (ties:
     the lower block index) and the attention of each query over its own block (causal
     inside it under ``causal``) and its chosen blocks, with one softmax. q [B, Hq, Nq, D],
-    k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv]; returns [B, Hq, Nq, Dv] float32. Check
-    :func:`moba_applies` first."""
+    k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv]; returns [B, Hq, Nq, Dv] float32. The kernel's
+    threads (default torch.get_num_threads()) share the heads, each head split into query
+    ranges where the heads do not divide evenly. Check :func:`moba_applies` first."""
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -183,7 +185,7 @@ def moba(
         top_k,
         int(causal),
         scale,
-        torch.get_num_threads(),
+        torch.get_num_threads() if threads is None else threads,
     )
     if code != 0:
         why = {1: "out of memory", 2: "arguments the kernel does not take"}.get(code, "unknown")
