@@ -215,6 +215,57 @@ static const float *based_vrows(const float *v, int n, int dv, int p0, int count
     return tmp;
 }
 
+/* The weights of a band of 4 query rows whose windows lie wholly at key positions >= 0
+ * and span whole vectors (w a multiple of 16, at most 128): row r's window is the w
+ * columns from top0 + r - w + 1 to top0 + r (top0 = the first row's last key) and its
+ * Taylor columns the ones from jmin to just before. The rows' weights are computed side by
+ * side (their maxima, exponentials and sums are independent chains), in place of the
+ * scores sc [4 x ld] (Taylor's t in tt), zeros up to kend; the rows of ob (phi(q) S) are
+ * scaled by e^-M and den (phi(q).z) becomes the normaliser. A window's scores are read
+ * before the Taylor columns, whose last vector reaches into it, are written. */
+static inline void band_weights(float *sc, const float *tt, int ld, int top0, int w, int jmin,
+                                int kend, float scale, float *den, float *ob, int dv) {
+    const int nv = w / 16;
+    v16 x[4][8], iota;
+    float top[4];
+    for (int u = 0; u < 16; u++) iota[u] = (float)u;
+    for (int r = 0; r < 4; r++) {
+        const float *si = sc + (size_t)r * ld + top0 + r - w + 1;
+        v16 mv = splat16(0.0f); /* M = max(0, the window's scores) */
+        for (int u = 0; u < nv; u++) {
+            x[r][u] = load16(si + 16 * u) * scale;
+            mv = vmax16(mv, x[r][u]);
+        }
+        top[r] = based_hmax(mv);
+    }
+    v16 shrink = splat16(0.0f); /* e^-M of the 4 rows */
+    for (int r = 0; r < 4; r++) shrink[r] = -top[r];
+    shrink = vexp16(shrink);
+    for (int r = 0; r < 4; r++) {
+        float *si = sc + (size_t)r * ld;
+        const float *ti = tt + (size_t)r * ld;
+        const int wlo = top0 + r - w + 1;
+        const float fjmin = (float)jmin, fthi = (float)(wlo - 1);
+        const v16 half_shrink = splat16(0.5f * shrink[r]);
+        v16 sum = splat16(0.0f);
+        for (int jb = jmin / 16 * 16; jb < wlo; jb += 16) {
+            v16 jj = iota + (float)jb, t = load16(ti + jb) + 1.0f; /* ((1 + t)² + 1)/2 */
+            v16 wv = vselect16((jj >= fjmin) & (jj <= fthi), (t * t + 1.0f) * half_shrink, splat16(0.0f));
+            store16(si + jb, wv);
+            sum += wv;
+        }
+        for (int u = 0; u < nv; u++) {
+            v16 e = vexp16(x[r][u] - top[r]);
+            store16(si + wlo + 16 * u, e);
+            sum += e;
+        }
+        for (int j = top0 + r + 1; j < kend; j++) si[j] = 0.0f;
+        den[r] = den[r] * shrink[r] + based_hsum(sum);
+        const v16 sh = splat16(shrink[r]);
+        for (int e = 0; e < dv; e += 16) store16(ob + (size_t)r * dv + e, load16(ob + (size_t)r * dv + e) * sh);
+    }
+}
+
 typedef struct {
     int c, h, span, cap, w, dp4, dp16, f, fp, fp16;
 } based_dims;
@@ -333,41 +384,17 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
                     based_rows4(0, nt, dp, yq + (size_t)i0 * dp16, dp16, ykb, cap, tt + (size_t)i0 * span, span, 0);
                 }
                 const int kend = i0 + h + 4; /* the band's keys: columns < kend */
-                for (int i = i0; i < i0 + 4; i++) {
-                    float *si = sc + (size_t)i * span;
-                    const float *ti = tt + (size_t)i * span;
-                    const int whi = i + h, thi = i + h - w; /* inclusive ends */
-                    const int wlo = i + h - w + 1 > jmin ? i + h - w + 1 : jmin;
-                    const float fwlo = (float)wlo, fwhi = (float)whi, fthi = (float)thi;
-                    const float fjmin = (float)jmin;
-                    float shrink;
-                    v16 sum;
-                    if (fast && i + h - w + 1 >= jmin) {
-                        /* the whole window from wlo in w / 16 vectors: no masks; its scores are
-                         * read before the Taylor columns (whose last vector reaches into it)
-                         * are written */
-                        v16 x[8], mv = splat16(0.0f);
-                        for (int u = 0; u < w / 16; u++) {
-                            x[u] = load16(si + wlo + 16 * u) * scale;
-                            mv = vmax16(mv, x[u]);
-                        }
-                        const float top = based_hmax(mv);
-                        shrink = vexp16(splat16(-top))[0];
-                        const v16 half_shrink = splat16(0.5f * shrink);
-                        sum = splat16(0.0f);
-                        for (int jb = jmin / 16 * 16; jb <= thi; jb += 16) {
-                            v16 jj = iota + (float)jb, t = load16(ti + jb) + 1.0f;
-                            v16 wv = vselect16((jj >= fjmin) & (jj <= fthi), (t * t + 1.0f) * half_shrink, splat16(0.0f));
-                            store16(si + jb, wv);
-                            sum += wv;
-                        }
-                        for (int u = 0; u < w / 16; u++) {
-                            v16 e = vexp16(x[u] - top);
-                            store16(si + wlo + 16 * u, e);
-                            sum += e;
-                        }
-                        for (int j = whi + 1; j < kend; j++) si[j] = 0.0f;
-                    } else {
+                if (fast && i0 + h - w + 1 >= jmin) {
+                    band_weights(sc + (size_t)i0 * span, tt + (size_t)i0 * span, span, i0 + h, w, jmin,
+                                 kend, scale, den + i0, ob + (size_t)i0 * dv, dv);
+                } else {
+                    for (int i = i0; i < i0 + 4; i++) {
+                        float *si = sc + (size_t)i * span;
+                        const float *ti = tt + (size_t)i * span;
+                        const int whi = i + h, thi = i + h - w; /* inclusive ends */
+                        const int wlo = i + h - w + 1 > jmin ? i + h - w + 1 : jmin;
+                        const float fwlo = (float)wlo, fwhi = (float)whi, fthi = (float)thi;
+                        const float fjmin = (float)jmin;
                         v16 mv = splat16(0.0f); /* M = max(0, the window's scores) */
                         for (int jb = wlo / 16 * 16; jb <= whi; jb += 16) {
                             v16 jj = iota + (float)jb;
@@ -375,9 +402,9 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
                             mv = vmax16(mv, vselect16((jj >= fwlo) & (jj <= fwhi), x, splat16(0.0f)));
                         }
                         const float top = based_hmax(mv);
-                        shrink = vexp16(splat16(-top))[0]; /* e^-M */
+                        const float shrink = vexp16(splat16(-top))[0]; /* e^-M */
                         const v16 half_shrink = splat16(0.5f * shrink);
-                        sum = splat16(0.0f);
+                        v16 sum = splat16(0.0f);
                         for (int jb = 0; jb < kend; jb += 16) {
                             v16 jj = iota + (float)jb, wv = splat16(0.0f);
                             if (jb + 15 >= wlo && jb <= whi) {
@@ -391,10 +418,10 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
                             store16(si + jb, wv);
                             sum += wv;
                         }
+                        den[i] = den[i] * shrink + based_hsum(sum);
+                        v16 sh = splat16(shrink);
+                        for (int e = 0; e < dv; e += 16) store16(ob + (size_t)i * dv + e, load16(ob + (size_t)i * dv + e) * sh);
                     }
-                    den[i] = den[i] * shrink + based_hsum(sum);
-                    v16 sh = splat16(shrink);
-                    for (int e = 0; e < dv; e += 16) store16(ob + (size_t)i * dv + e, load16(ob + (size_t)i * dv + e) * sh);
                 }
                 based_rows4(0, dv, kend - jmin, sc + (size_t)i0 * span + jmin, span, vsp + (size_t)jmin * dv, dv,
                            ob + (size_t)i0 * dv, dv, 1);
