@@ -38,57 +38,6 @@
 
 enum { TILE = 64, GATE_ROWS = 64 };
 
-/* Row-major products C[M x N] (+)= A[M x K] B[K x N], M a multiple of 4 and N of 16, in
- * register tiles of 4 rows x up to 64 columns like simd.h's gemm, but with each entry of A
- * broadcast straight from memory (a load; simd.h's splat16, (v16){0} + x, compiles to an
- * add and a register broadcast that takes the second FMA port): ~20% faster here. */
-static inline v16 bcast16(const float *p) {
-    const float x = *p;
-    return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
-}
-
-#define MOBA_TILE(NV)                                                                      \
-    static inline void mtile4x##NV(int K, const float *A, int lda, const float *B, int ldb, \
-                                   float *C, int ldc, int accumulate) {                    \
-        v16 c[4][NV];                                                                      \
-        for (int r = 0; r < 4; r++)                                                        \
-            for (int u = 0; u < NV; u++)                                                   \
-                c[r][u] = accumulate ? load16(C + r * ldc + 16 * u) : (v16){0};            \
-        for (int k = 0; k < K; k++) {                                                      \
-            v16 b[NV];                                                                     \
-            for (int u = 0; u < NV; u++) b[u] = load16(B + k * ldb + 16 * u);              \
-            for (int r = 0; r < 4; r++) {                                                  \
-                v16 a = bcast16(A + r * lda + k);                                          \
-                for (int u = 0; u < NV; u++) c[r][u] += a * b[u];                          \
-            }                                                                              \
-        }                                                                                  \
-        for (int r = 0; r < 4; r++)                                                        \
-            for (int u = 0; u < NV; u++) store16(C + r * ldc + 16 * u, c[r][u]);           \
-    }
-MOBA_TILE(1)
-MOBA_TILE(2)
-MOBA_TILE(3)
-MOBA_TILE(4)
-#undef MOBA_TILE
-
-static inline void mgemm_rows4(int N, int K, const float *A, int lda, const float *B, int ldb,
-                               float *C, int ldc, int accumulate) {
-    int j = 0;
-    for (; j + 64 <= N; j += 64) mtile4x4(K, A, lda, B + j, ldb, C + j, ldc, accumulate);
-    switch ((N - j) / 16) {
-    case 3: mtile4x3(K, A, lda, B + j, ldb, C + j, ldc, accumulate); break;
-    case 2: mtile4x2(K, A, lda, B + j, ldb, C + j, ldc, accumulate); break;
-    case 1: mtile4x1(K, A, lda, B + j, ldb, C + j, ldc, accumulate); break;
-    default: break;
-    }
-}
-
-static inline void mgemm(int M, int N, int K, const float *A, int lda, const float *B, int ldb,
-                         float *C, int ldc, int accumulate) {
-    for (int i = 0; i < M; i += 4)
-        mgemm_rows4(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
-}
-
 typedef struct {
     const float *q, *k, *v; /* q [heads, nq, d], k [kv heads, nk, d], v [kv heads, nk, dv] */
     float *out;             /* [heads, nq, dv] */
@@ -171,11 +120,11 @@ static inline int first_lane(i16v m) {
 /* Gate rows [r0, r0 + rows) of one head, the first `cols` columns: gate = q means^T. */
 static void gate_rows(const moba_args *a, moba_scratch *w, const float *q, int r0, int rows, int cols) {
     const int d = a->d, full = rows / 4 * 4, ld = w->nkbp;
-    if (full) mgemm(full, cols, d, q + (size_t)r0 * d, d, w->means_t, ld, w->gate, ld, 0);
+    if (full) gemm(full, cols, d, q + (size_t)r0 * d, d, w->means_t, ld, w->gate, ld, 0);
     if (full < rows) {
         memset(w->qpad, 0, sizeof(float) * 4 * d);
         memcpy(w->qpad, q + (size_t)(r0 + full) * d, sizeof(float) * (rows - full) * d);
-        mgemm(4, cols, d, w->qpad, d, w->means_t, ld, w->gate + (size_t)full * ld, ld, 0);
+        gemm(4, cols, d, w->qpad, d, w->means_t, ld, w->gate + (size_t)full * ld, ld, 0);
     }
 }
 
@@ -351,9 +300,9 @@ static void attend_tile(const moba_args *a, moba_scratch *w, const float *q, con
         }
         int kmax = 0;
         for (int r = r0; r < r0 + rows; r++) kmax = w->cvis[r] > kmax ? w->cvis[r] : kmax;
-        mgemm_rows4(round_up(kmax, 16), d, w->qt + (size_t)r0 * d, d, w->kt, bp, w->s, bp, 0);
+        gemm_rows4(round_up(kmax, 16), d, w->qt + (size_t)r0 * d, d, w->kt, bp, w->s, bp, 0);
         softmax_band(w, w->s, bp, r0, rows, kmax); /* padding rows: zero queries, zero scores */
-        mgemm_rows4(dv, kmax, w->s, bp, vj, dv, w->ot, dv, 0);
+        gemm_rows4(dv, kmax, w->s, bp, vj, dv, w->ot, dv, 0);
         for (int r = r0; r < r0 + rows; r++) {
             float *acc = out + (size_t)w->rows[r] * dv;
             const float *o = w->ot + (size_t)(r - r0) * dv;
