@@ -310,7 +310,9 @@ class Based(SeededDraws, Mechanism):
         (the state's chunks, each lag, the windows) is a plain view with one batch stride,
         even across rows (the halo of a row is then the previous row's end, masked as no
         keys). Grouped query heads share their kv head's chunks; nothing of size N x N is
-        built.
+        built. Float32 CPU inputs without autograd go to the compiled kernel
+        (:func:`attnlab.core.native.based`, ``csrc/based.c``): the same sums, fused per
+        chunk, with this form as its reference and fallback.
         """
         b, hq, n, d = q.shape
         native_chunk = self.config.chunk or NATIVE_CHUNK
