@@ -55,37 +55,49 @@ static inline v16 based_bcast(const float *p) {
     return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
 }
 
-static inline v16 based_swap(v16 x, int b) { /* lanes l and l ^ b exchanged */
-    i16v m;
-    for (int u = 0; u < 16; u++) m[u] = u ^ b;
-    return __builtin_shuffle(x, m);
-}
+/* Lanes l and l ^ 8, 4, 2, 1 exchanged (constant masks: one shuffle each). */
+#define BASED_SWAP8(x) __builtin_shuffle(x, (i16v){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7})
+#define BASED_SWAP4(x) __builtin_shuffle(x, (i16v){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11})
+#define BASED_SWAP2(x) __builtin_shuffle(x, (i16v){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13})
+#define BASED_SWAP1(x) __builtin_shuffle(x, (i16v){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14})
 
 static inline float based_hsum(v16 x) {
-    for (int b = 8; b; b >>= 1) x += based_swap(x, b);
+    x += BASED_SWAP8(x);
+    x += BASED_SWAP4(x);
+    x += BASED_SWAP2(x);
+    x += BASED_SWAP1(x);
     return x[0];
 }
 
 static inline float based_hmax(v16 x) {
-    for (int b = 8; b; b >>= 1) x = vmax16(x, based_swap(x, b));
+    x = vmax16(x, BASED_SWAP8(x));
+    x = vmax16(x, BASED_SWAP4(x));
+    x = vmax16(x, BASED_SWAP2(x));
+    x = vmax16(x, BASED_SWAP1(x));
     return x[0];
+}
+
+/* One step of the transpose: rows i and i + b (i & b == 0) exchange their off-diagonal
+ * blocks of b lanes. */
+static inline void based_stage(v16 r[16], int b, i16v lo, i16v hi) {
+    for (int i = 0; i < 16; i++)
+        if (!(i & b)) {
+            v16 x = r[i], y = r[i + b];
+            r[i] = __builtin_shuffle(x, y, lo);
+            r[i + b] = __builtin_shuffle(x, y, hi);
+        }
 }
 
 /* r[0..15] transposed in registers: swap the off-diagonal blocks of 8, then of 4, 2, 1. */
 static inline void based_transpose(v16 r[16]) {
-    for (int b = 8; b; b >>= 1) {
-        i16v lo, hi;
-        for (int u = 0; u < 16; u++) {
-            lo[u] = (u & b) ? 16 + u - b : u;
-            hi[u] = (u & b) ? 16 + u : u + b;
-        }
-        for (int i = 0; i < 16; i++)
-            if (!(i & b)) {
-                v16 x = r[i], y = r[i + b];
-                r[i] = __builtin_shuffle(x, y, lo);
-                r[i + b] = __builtin_shuffle(x, y, hi);
-            }
-    }
+    based_stage(r, 8, (i16v){0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                (i16v){8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+    based_stage(r, 4, (i16v){0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                (i16v){4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+    based_stage(r, 2, (i16v){0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                (i16v){2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+    based_stage(r, 1, (i16v){0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+                (i16v){1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
 }
 
 /* dst[e * ldd + j] = src[j * lds + e] for j < rows (zeros for rows .. 16), e < 16. */
@@ -368,10 +380,14 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
                     based_transpose16(yq + (size_t)r0 * dp16 + e0, dp16, 16, yqt + (size_t)e0 * c + r0, c);
             taylor_rows(ph, c, yqt, c, dp, 0.5f);
             based_gemm(1, c, dv, f, ph, c, s, dv, ob, dv, 0); /* phi(q) S */
-            for (int r = 0; r < c; r += 16) {                  /* phi(q).z */
-                v16 acc = splat16(0.0f);
-                for (int e = 0; e < f; e++) acc += load16(ph + (size_t)e * c + r) * z[e];
-                store16(den + r, acc);
+            for (int r0 = 0; r0 < c; r0 += 64) { /* phi(q).z, 4 vectors of rows side by side */
+                const int nr = c - r0 < 64 ? (c - r0) / 16 : 4;
+                v16 acc[4] = {splat16(0.0f), splat16(0.0f), splat16(0.0f), splat16(0.0f)};
+                for (int e = 0; e < f; e++) {
+                    const v16 ze = based_bcast(z + e);
+                    for (int u = 0; u < nr; u++) acc[u] += load16(ph + (size_t)e * c + r0 + 16 * u) * ze;
+                }
+                for (int u = 0; u < nr; u++) store16(den + r0 + 16 * u, acc[u]);
             }
             for (int i0 = 0; i0 < c; i0 += 4) {
                 int cs = i0 + h - w + 1;
