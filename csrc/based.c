@@ -328,9 +328,8 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
             if (first < c) {
                 if (first < 0) first = 0;
                 taylor_rows(ph, c, ykt + base, cap, dp, 1.0f);
-                const float *vleft = based_vrows(vr, n, dv, t0 - c - h, c, vs);
-                based_gemm(0, fp, dv, c, ph, c, vleft, dv, s, dv, 1);
-                for (int e0 = 0; e0 < f; e0 += 16) { /* z += the rows' sums, 16 at a time */
+                /* z += the rows' sums, 16 at a time, the last rows written first (in L1) */
+                for (int e0 = (f - 1) / 16 * 16; e0 >= 0; e0 -= 16) {
                     v16 acc[16];
                     for (int u = 0; u < 16; u++) {
                         acc[u] = load16(ph + (size_t)(e0 + u) * c);
@@ -340,6 +339,8 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
                     for (int u = 1; u < 16; u++) acc[0] += acc[u];
                     store16(z + e0, load16(z + e0) + acc[0]);
                 }
+                const float *vleft = based_vrows(vr, n, dv, t0 - c - h, c, vs);
+                based_gemm(0, fp, dv, c, ph, c, vleft, dv, s, dv, 1);
                 z[0] -= (float)first; /* the constant feature of no keys */
             }
             base += c;
@@ -379,16 +380,16 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
                 for (int e0 = 0; e0 < dp16; e0 += 16)
                     based_transpose16(yq + (size_t)r0 * dp16 + e0, dp16, 16, yqt + (size_t)e0 * c + r0, c);
             taylor_rows(ph, c, yqt, c, dp, 0.5f);
-            based_gemm(1, c, dv, f, ph, c, s, dv, ob, dv, 0); /* phi(q) S */
-            for (int r0 = 0; r0 < c; r0 += 64) { /* phi(q).z, 4 vectors of rows side by side */
-                const int nr = c - r0 < 64 ? (c - r0) / 16 : 4;
+            for (int r0 = 0; r0 < c; r0 += 64) { /* phi(q).z, 4 vectors of rows side by side, */
+                const int nr = c - r0 < 64 ? (c - r0) / 16 : 4; /* the last rows written first */
                 v16 acc[4] = {splat16(0.0f), splat16(0.0f), splat16(0.0f), splat16(0.0f)};
-                for (int e = 0; e < f; e++) {
+                for (int e = f - 1; e >= 0; e--) {
                     const v16 ze = based_bcast(z + e);
                     for (int u = 0; u < nr; u++) acc[u] += load16(ph + (size_t)e * c + r0 + 16 * u) * ze;
                 }
                 for (int u = 0; u < nr; u++) store16(den + r0 + 16 * u, acc[u]);
             }
+            based_gemm(1, c, dv, f, ph, c, s, dv, ob, dv, 0); /* phi(q) S */
             for (int i0 = 0; i0 < c; i0 += 4) {
                 int cs = i0 + h - w + 1;
                 if (cs > span - ncols) cs = span - ncols;
