@@ -34,8 +34,7 @@
 
 typedef struct {
     const float *q, *k, *v; /* q [rows, g, n, d], k [rows, n, d], v [rows, n, dv] */
-    const float *pp;        /* the projection [d x dp16], zero columns after dp */
-    const float *pt;        /* its transpose [dp4 x d], zero rows after dp */
+    const float *pt;        /* the projection transposed [dp4 x d], zero rows after dp */
     float *out;             /* [rows, g, n, dv] */
     int *next_row;          /* the next row a worker takes (rows go to whoever is free) */
     int rows, g, n, d, dv, dp, window, chunk, threads;
@@ -108,6 +107,20 @@ static inline void based_transpose16(const float *src, int lds, int rows, float 
     for (int e = 0; e < 16; e++) store16(dst + (size_t)e * ldd, r[e]);
 }
 
+/* dst[e * ldd + j] = src[j * lds + e] for j < c (a multiple of 16; zeros from j = rows
+ * on) and e < d: c tokens' rows transposed, in blocks of 16 x 16. */
+static void based_transpose_rows(float *dst, int ldd, const float *src, int lds, int c, int rows,
+                                 int d) {
+    for (int j0 = 0; j0 < c; j0 += 16) {
+        const int r = rows - j0 < 0 ? 0 : rows - j0 < 16 ? rows - j0 : 16;
+        const float *sj = src + (size_t)j0 * lds;
+        int e0 = 0;
+        for (; e0 + 16 <= d; e0 += 16) based_transpose16(sj + e0, lds, r, dst + (size_t)e0 * ldd + j0, ldd);
+        for (; e0 < d; e0++)
+            for (int j = 0; j < 16; j++) dst[(size_t)e0 * ldd + j0 + j] = j < r ? sj[(size_t)j * lds + e0] : 0.0f;
+    }
+}
+
 /* Register tiles C[4 x 16*NV] (+)= A B over K, A's element (r, k) at A[AT(r, k)]: A
  * row-major (lda the row stride) or given transposed (lda the stride of its rows k). */
 #define BASED_TILE(NAME, NV, AT)                                                           \
@@ -159,32 +172,6 @@ static inline void based_rows4(int tn, int N, int K, const float *A, int lda, co
     case 1: (tn ? based_tn1 : based_nn1)(K, A, lda, B + j, ldb, C + j, ldc, accumulate); break;
     default: break;
     }
-}
-
-/* C[M x N] = A B for few columns (the projections: N = 16 or so), M a multiple of 4, N
- * of 16: a tile of 4 x 16 has too few sums to hide the latency of each multiply-add, so
- * even and odd k go to separate sums, added at the end. */
-static void based_gemm_narrow(int M, int N, int K, const float *A, int lda, const float *B,
-                              int ldb, float *C, int ldc) {
-    for (int i = 0; i < M; i += 4)
-        for (int j = 0; j < N; j += 16) {
-            v16 c0[4], c1[4];
-            for (int r = 0; r < 4; r++) c0[r] = c1[r] = splat16(0.0f);
-            const float *a = A + (size_t)i * lda;
-            int k = 0;
-            for (; k + 1 < K; k += 2) {
-                v16 b0 = load16(B + (size_t)k * ldb + j), b1 = load16(B + (size_t)(k + 1) * ldb + j);
-                for (int r = 0; r < 4; r++) {
-                    c0[r] += based_bcast(a + (size_t)r * lda + k) * b0;
-                    c1[r] += based_bcast(a + (size_t)r * lda + k + 1) * b1;
-                }
-            }
-            if (k < K) {
-                v16 b0 = load16(B + (size_t)k * ldb + j);
-                for (int r = 0; r < 4; r++) c0[r] += based_bcast(a + (size_t)r * lda + k) * b0;
-            }
-            for (int r = 0; r < 4; r++) store16(C + (size_t)(i + r) * ldc + j, c0[r] + c1[r]);
-        }
 }
 
 /* C[M x N] (+)= A B, M a multiple of 4, N of 16; tn: A given transposed, At [K x M]. */
@@ -299,7 +286,7 @@ static based_dims dims_of(const based_args *a) {
 
 static size_t buffer_floats(const based_args *a, based_dims m) {
     return (size_t)a->d * m.cap + (size_t)m.span * a->dv + (size_t)m.dp4 * m.cap +
-           (size_t)m.c * a->d + 2 * (size_t)m.c * m.dp16 + (size_t)m.fp16 * m.c +
+           2 * (size_t)m.c * a->d + (size_t)m.c * m.dp16 + (size_t)m.fp16 * m.c +
            2 * (size_t)m.c * m.span + (size_t)m.c * a->dv + m.c + (size_t)m.fp * a->dv + m.fp16;
 }
 
@@ -309,7 +296,7 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
     const float scale = a->scale;
     const int cap = m.cap;
     float *kt = buf, *vs = kt + (size_t)d * cap, *ykt = vs + (size_t)span * dv;
-    float *qb = ykt + (size_t)m.dp4 * cap, *yq = qb + (size_t)c * d, *yqt = yq + (size_t)c * dp16;
+    float *qb = ykt + (size_t)m.dp4 * cap, *qt = qb + (size_t)c * d, *yqt = qt + (size_t)c * d;
     float *ph = yqt + (size_t)dp16 * c, *sc = ph + (size_t)m.fp16 * c, *tt = sc + (size_t)c * span;
     float *ob = tt + (size_t)c * span, *den = ob + (size_t)c * dv, *s = den + c, *z = s + (size_t)fp * dv;
     memset(buf, 0, sizeof(float) * buffer_floats(a, m));
@@ -354,15 +341,7 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
         }
         float *kb = kt + base, *ykb = ykt + base;
         /* the chunk's keys (transposed), values and projected keys at columns h .. span */
-        for (int j0 = 0; j0 < c; j0 += 16) {
-            const int rows = ct - j0 < 0 ? 0 : ct - j0 < 16 ? ct - j0 : 16;
-            const float *kj = kr + (size_t)(t0 + j0) * d;
-            int e0 = 0;
-            for (; e0 + 16 <= d; e0 += 16)
-                based_transpose16(kj + e0, d, rows, kb + (size_t)e0 * cap + h + j0, cap);
-            for (; e0 < d; e0++)
-                for (int j = 0; j < 16; j++) kb[(size_t)e0 * cap + h + j0 + j] = j < rows ? kj[(size_t)j * d + e0] : 0.0f;
-        }
+        based_transpose_rows(kb + h, cap, kr + (size_t)t0 * d, d, c, ct, d);
         const float *vsp = based_vrows(vr, n, dv, t0 - h, span, vs); /* the span's values */
         based_gemm(0, m.dp4, c, d, a->pt, d, kb + h, cap, ykb + h, cap, 0);
         const int jmin = h - t0 > 0 ? h - t0 : 0; /* span columns of positions >= 0 */
@@ -375,10 +354,10 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
                 memset(qb + (size_t)ct * d, 0, sizeof(float) * (c - ct) * d);
                 qp = qb;
             }
-            based_gemm_narrow(c, dp16, d, qp, d, a->pp, dp16, yq, dp16);
-            for (int r0 = 0; r0 < c; r0 += 16)
-                for (int e0 = 0; e0 < dp16; e0 += 16)
-                    based_transpose16(yq + (size_t)r0 * dp16 + e0, dp16, 16, yqt + (size_t)e0 * c + r0, c);
+            /* the projections as rows, yq^T = P^T q^T: the queries transposed, then a product
+             * of whole tiles (a product with 16 columns per row keeps too few sums going) */
+            based_transpose_rows(qt, c, qp, d, c, c, d);
+            based_gemm(0, m.dp4, c, d, a->pt, d, qt, c, yqt, c, 0);
             taylor_rows(ph, c, yqt, c, dp, 0.5f);
             for (int r0 = 0; r0 < c; r0 += 64) { /* phi(q).z, 4 vectors of rows side by side, */
                 const int nr = c - r0 < 64 ? (c - r0) / 16 : 4; /* the last rows written first */
@@ -398,7 +377,7 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
                 if (te > jmin) {
                     int nt = based_up(te, 16);
                     if (nt > span) nt = span;
-                    based_rows4(0, nt, dp, yq + (size_t)i0 * dp16, dp16, ykb, cap, tt + (size_t)i0 * span, span, 0);
+                    based_rows4(1, nt, dp, yqt + i0, c, ykb, cap, tt + (size_t)i0 * span, span, 0);
                 }
                 const int kend = i0 + h + 4; /* the band's keys: columns < kend */
                 if (fast && i0 + h - w + 1 >= jmin) {
@@ -488,21 +467,16 @@ int attnlab_based(const float *q, const float *k, const float *v, const float *p
         return 2;
     if (n == 0) return 0;
     if (window > n) window = n; /* keys further back than n - 1 do not exist */
-    const int dp4 = based_up(dp, 4), dp16 = based_up(dp, 16);
-    float *pp = calloc((size_t)d * dp16 + (size_t)dp4 * d, sizeof(float));
-    if (!pp) return 1;
-    float *pt = pp + (size_t)d * dp16;
+    float *pt = calloc((size_t)based_up(dp, 4) * d, sizeof(float));
+    if (!pt) return 1;
     for (int e = 0; e < d; e++)
-        for (int u = 0; u < dp; u++) {
-            pp[(size_t)e * dp16 + u] = proj[(size_t)e * dp + u];
-            pt[(size_t)u * d + e] = proj[(size_t)e * dp + u];
-        }
+        for (int u = 0; u < dp; u++) pt[(size_t)u * d + e] = proj[(size_t)e * dp + u];
     if (threads < 1) threads = 1;
     if (threads > rows) threads = rows;
     if (threads > 64) threads = 64;
     int next_row = 0; /* a core busy elsewhere (another runtime's spinning thread) delays
                        * only the rows it takes */
-    based_args a = {q, k, v, pp, pt, out, &next_row, rows, g, n, d, dv, dp, window, chunk, threads, scale};
+    based_args a = {q, k, v, pt, out, &next_row, rows, g, n, d, dv, dp, window, chunk, threads, scale};
     based_worker workers[64];
     pthread_t ids[64];
     int created[64] = {0};
@@ -517,6 +491,6 @@ int attnlab_based(const float *q, const float *k, const float *v, const float *p
         if (created[t]) pthread_join(ids[t], NULL);
         if (workers[t].status) status = workers[t].status;
     }
-    free(pp);
+    free(pt);
     return status;
 }
