@@ -183,21 +183,32 @@ static void based_gemm(int tn, int M, int N, int K, const float *A, int lda, con
 }
 
 /* The Taylor features of c tokens (c a multiple of 16) as rows ph [F x c], from the
- * projections as rows yt [dp x c] (row stride ldy): 1, y_a, y_a^2 * sq, y_a y_b (a < b). */
-static void taylor_rows(float *ph, int c, const float *yt, int ldy, int dp, float sq) {
-    float *row = ph;
-    for (int j = 0; j < c; j += 16) store16(row + j, splat16(1.0f));
-    row += c;
-    for (int a = 0; a < dp; a++, row += c) memcpy(row, yt + (size_t)a * ldy, sizeof(float) * c);
-    for (int a = 0; a < dp; a++, row += c)
-        for (int j = 0; j < c; j += 16) {
-            v16 y = load16(yt + (size_t)a * ldy + j);
-            store16(row + j, y * y * sq);
-        }
-    for (int a = 0; a < dp; a++)
-        for (int b = a + 1; b < dp; b++, row += c)
-            for (int j = 0; j < c; j += 16)
-                store16(row + j, load16(yt + (size_t)a * ldy + j) * load16(yt + (size_t)b * ldy + j));
+ * projections as rows yt [dp x c] (row stride ldy): 1, y_a, y_a^2 * sq, y_a y_b (a < b);
+ * 16 tokens at a time, their projections held in registers. With z (not NULL) also
+ * den[j] = phi_j . z, the features' dot product with z, while they are at hand. */
+static void taylor_rows(float *ph, int c, const float *yt, int ldy, int dp, float sq,
+                        const float *z, float *den) {
+    v16 y[dp];
+    for (int j = 0; j < c; j += 16) {
+        for (int a = 0; a < dp; a++) y[a] = load16(yt + (size_t)a * ldy + j);
+        float *col = ph + j;
+        v16 dot = splat16(0.0f);
+        int e = 0;
+#define BASED_EMIT(value)                                                \
+    do {                                                                 \
+        const v16 v_ = (value);                                          \
+        store16(col + (size_t)e * c, v_);                                \
+        if (z) dot += v_ * based_bcast(z + e);                           \
+        e++;                                                             \
+    } while (0)
+        BASED_EMIT(splat16(1.0f));
+        for (int a = 0; a < dp; a++) BASED_EMIT(y[a]);
+        for (int a = 0; a < dp; a++) BASED_EMIT(y[a] * y[a] * sq);
+        for (int a = 0; a < dp; a++)
+            for (int b = a + 1; b < dp; b++) BASED_EMIT(y[a] * y[b]);
+#undef BASED_EMIT
+        if (z) store16(den + j, dot);
+    }
 }
 
 /* Rows p0 .. p0 + count of v [n x dv]: in place, or copied into tmp with zeros for the
@@ -314,7 +325,7 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
             int first = h + c - t0; /* columns before it are positions < 0: no keys */
             if (first < c) {
                 if (first < 0) first = 0;
-                taylor_rows(ph, c, ykt + base, cap, dp, 1.0f);
+                taylor_rows(ph, c, ykt + base, cap, dp, 1.0f, NULL, NULL);
                 /* z += the rows' sums, 16 at a time, the last rows written first (in L1) */
                 for (int e0 = (f - 1) / 16 * 16; e0 >= 0; e0 -= 16) {
                     v16 acc[16];
@@ -358,16 +369,7 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
              * of whole tiles (a product with 16 columns per row keeps too few sums going) */
             based_transpose_rows(qt, c, qp, d, c, c, d);
             based_gemm(0, m.dp4, c, d, a->pt, d, qt, c, yqt, c, 0);
-            taylor_rows(ph, c, yqt, c, dp, 0.5f);
-            for (int r0 = 0; r0 < c; r0 += 64) { /* phi(q).z, 4 vectors of rows side by side, */
-                const int nr = c - r0 < 64 ? (c - r0) / 16 : 4; /* the last rows written first */
-                v16 acc[4] = {splat16(0.0f), splat16(0.0f), splat16(0.0f), splat16(0.0f)};
-                for (int e = f - 1; e >= 0; e--) {
-                    const v16 ze = based_bcast(z + e);
-                    for (int u = 0; u < nr; u++) acc[u] += load16(ph + (size_t)e * c + r0 + 16 * u) * ze;
-                }
-                for (int u = 0; u < nr; u++) store16(den + r0 + 16 * u, acc[u]);
-            }
+            taylor_rows(ph, c, yqt, c, dp, 0.5f, z, den); /* phi(q), phi(q).z */
             based_gemm(1, c, dv, f, ph, c, s, dv, ob, dv, 0); /* phi(q) S */
             for (int i0 = 0; i0 < c; i0 += 4) {
                 int cs = i0 + h - w + 1;
