@@ -24,10 +24,10 @@
  */
 #include <float.h>
 #include <math.h>
-#include <pthread.h>
 #include <stdlib.h>
 
 #include "simd.h"
+#include "threads.h"
 #ifdef __SSE__
 #include <xmmintrin.h>
 #endif
@@ -47,12 +47,6 @@ typedef struct {
 } based_worker;
 
 static inline int based_up(int x, int m) { return (x + m - 1) / m * m; }
-
-/* All lanes *p, read straight from memory (splat16's 0 + x costs an add and a shuffle). */
-static inline v16 based_bcast(const float *p) {
-    const float x = *p;
-    return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
-}
 
 /* Lanes l and l ^ 8, 4, 2, 1 exchanged (constant masks: one shuffle each). */
 #define BASED_SWAP8(x) __builtin_shuffle(x, (i16v){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7})
@@ -121,41 +115,13 @@ static void based_transpose_rows(float *dst, int ldd, const float *src, int lds,
     }
 }
 
-/* Register tiles C[4 x 16*NV] (+)= A B over K, A's element (r, k) at A[AT(r, k)]: A
- * row-major (lda the row stride) or given transposed (lda the stride of its rows k). */
-#define BASED_TILE(NAME, NV, AT)                                                           \
-    static inline void NAME(int K, const float *A, int lda, const float *B, int ldb,       \
-                            float *C, int ldc, int accumulate) {                           \
-        v16 c[4][NV];                                                                      \
-        for (int r = 0; r < 4; r++)                                                        \
-            for (int u = 0; u < NV; u++)                                                   \
-                c[r][u] = accumulate ? load16(C + r * ldc + 16 * u) : splat16(0.0f);       \
-        for (int k = 0; k < K; k++) {                                                      \
-            v16 b[NV];                                                                     \
-            for (int u = 0; u < NV; u++) b[u] = load16(B + (size_t)k * ldb + 16 * u);      \
-            for (int r = 0; r < 4; r++) {                                                  \
-                v16 a = based_bcast(A + (AT));                                             \
-                for (int u = 0; u < NV; u++) c[r][u] += a * b[u];                          \
-            }                                                                              \
-        }                                                                                  \
-        for (int r = 0; r < 4; r++)                                                        \
-            for (int u = 0; u < NV; u++) store16(C + r * ldc + 16 * u, c[r][u]);           \
-    }
-#define ROW_MAJOR (size_t)r * lda + k
-#define TRANSPOSED (size_t)k * lda + r
-BASED_TILE(based_nn1, 1, ROW_MAJOR)
-BASED_TILE(based_nn2, 2, ROW_MAJOR)
-BASED_TILE(based_nn3, 3, ROW_MAJOR)
-BASED_TILE(based_nn4, 4, ROW_MAJOR)
-BASED_TILE(based_nn5, 5, ROW_MAJOR)
-BASED_TILE(based_tn1, 1, TRANSPOSED)
-BASED_TILE(based_tn2, 2, TRANSPOSED)
-BASED_TILE(based_tn3, 3, TRANSPOSED)
-BASED_TILE(based_tn4, 4, TRANSPOSED)
-BASED_TILE(based_tn5, 5, TRANSPOSED)
-#undef ROW_MAJOR
-#undef TRANSPOSED
-#undef BASED_TILE
+/* csrc/simd.h's register tiles of 80 columns, and of up to 80 with A given transposed. */
+ATTNLAB_TILE(based_nn5, 5, ATTNLAB_ROW_MAJOR)
+ATTNLAB_TILE(based_tn1, 1, ATTNLAB_TRANSPOSED)
+ATTNLAB_TILE(based_tn2, 2, ATTNLAB_TRANSPOSED)
+ATTNLAB_TILE(based_tn3, 3, ATTNLAB_TRANSPOSED)
+ATTNLAB_TILE(based_tn4, 4, ATTNLAB_TRANSPOSED)
+ATTNLAB_TILE(based_tn5, 5, ATTNLAB_TRANSPOSED)
 
 /* C[4 x N] (+)= A B for one band of 4 rows, N a multiple of 16 (tiles of up to 80
  * columns); tn: A given transposed, the band's rows its columns. */
@@ -163,13 +129,13 @@ static inline void based_rows4(int tn, int N, int K, const float *A, int lda, co
                                int ldb, float *C, int ldc, int accumulate) {
     int j = 0;
     for (; N - j > 80; j += 64)
-        (tn ? based_tn4 : based_nn4)(K, A, lda, B + j, ldb, C + j, ldc, accumulate);
+        (tn ? based_tn4 : tile4x4)(K, A, lda, B + j, ldb, C + j, ldc, accumulate);
     switch ((N - j) / 16) {
     case 5: (tn ? based_tn5 : based_nn5)(K, A, lda, B + j, ldb, C + j, ldc, accumulate); break;
-    case 4: (tn ? based_tn4 : based_nn4)(K, A, lda, B + j, ldb, C + j, ldc, accumulate); break;
-    case 3: (tn ? based_tn3 : based_nn3)(K, A, lda, B + j, ldb, C + j, ldc, accumulate); break;
-    case 2: (tn ? based_tn2 : based_nn2)(K, A, lda, B + j, ldb, C + j, ldc, accumulate); break;
-    case 1: (tn ? based_tn1 : based_nn1)(K, A, lda, B + j, ldb, C + j, ldc, accumulate); break;
+    case 4: (tn ? based_tn4 : tile4x4)(K, A, lda, B + j, ldb, C + j, ldc, accumulate); break;
+    case 3: (tn ? based_tn3 : tile4x3)(K, A, lda, B + j, ldb, C + j, ldc, accumulate); break;
+    case 2: (tn ? based_tn2 : tile4x2)(K, A, lda, B + j, ldb, C + j, ldc, accumulate); break;
+    case 1: (tn ? based_tn1 : tile4x1)(K, A, lda, B + j, ldb, C + j, ldc, accumulate); break;
     default: break;
     }
 }
@@ -198,7 +164,7 @@ static void taylor_rows(float *ph, int c, const float *yt, int ldy, int dp, floa
     do {                                                                 \
         const v16 v_ = (value);                                          \
         store16(col + (size_t)e * c, v_);                                \
-        if (z) dot += v_ * based_bcast(z + e);                           \
+        if (z) dot += v_ * splat16(z[e]);                           \
         e++;                                                             \
     } while (0)
         BASED_EMIT(splat16(1.0f));
@@ -475,24 +441,16 @@ int attnlab_based(const float *q, const float *k, const float *v, const float *p
         for (int u = 0; u < dp; u++) pt[(size_t)u * d + e] = proj[(size_t)e * dp + u];
     if (threads < 1) threads = 1;
     if (threads > rows) threads = rows;
-    if (threads > 64) threads = 64;
+    if (threads > ATTNLAB_MAX_THREADS) threads = ATTNLAB_MAX_THREADS;
     int next_row = 0; /* a core busy elsewhere (another runtime's spinning thread) delays
                        * only the rows it takes */
     based_args a = {q, k, v, pt, out, &next_row, rows, g, n, d, dv, dp, window, chunk, threads, scale};
-    based_worker workers[64];
-    pthread_t ids[64];
-    int created[64] = {0};
+    based_worker workers[ATTNLAB_MAX_THREADS];
     for (int t = 0; t < threads; t++) workers[t] = (based_worker){&a, 0};
-    for (int t = 1; t < threads; t++) {
-        created[t] = pthread_create(&ids[t], NULL, based_rows, &workers[t]) == 0;
-        if (!created[t]) based_rows(&workers[t]); /* no thread: its rows run here */
-    }
-    based_rows(&workers[0]);
+    attnlab_run_workers(based_rows, workers, sizeof workers[0], threads);
     int status = 0;
-    for (int t = 0; t < threads; t++) {
-        if (created[t]) pthread_join(ids[t], NULL);
+    for (int t = 0; t < threads; t++)
         if (workers[t].status) status = workers[t].status;
-    }
     free(pt);
     return status;
 }

@@ -25,10 +25,10 @@
  */
 #include <float.h>
 #include <math.h>
-#include <pthread.h>
 #include <stdlib.h>
 
 #include "simd.h"
+#include "threads.h"
 #ifdef __SSE__
 #include <xmmintrin.h>
 #endif
@@ -443,7 +443,7 @@ int attnlab_moba(const float *q, const float *k, const float *v, float *out, int
         heads % hq || nq < 1 || nk < 1 || block < 1 || top_k < 1)
         return 2;
     if (threads < 1) threads = 1;
-    if (threads > 64) threads = 64;
+    if (threads > ATTNLAB_MAX_THREADS) threads = ATTNLAB_MAX_THREADS;
     /* work items: heads x parts query ranges, as many per thread (parts = threads / gcd) */
     int g = heads, r = threads;
     while (r) {
@@ -455,19 +455,11 @@ int attnlab_moba(const float *q, const float *k, const float *v, float *out, int
     if (parts > nq) parts = nq;
     if (threads > heads * parts) threads = heads * parts;
     moba_args a = {q, k, v, out, heads, hq, hkv, nq, nk, d, dv, block, top_k, causal != 0, threads, parts, scale};
-    moba_worker workers[64];
-    pthread_t ids[64];
-    int created[64] = {0};
+    moba_worker workers[ATTNLAB_MAX_THREADS];
     for (int t = 0; t < threads; t++) workers[t] = (moba_worker){&a, t, 0};
-    for (int t = 1; t < threads; t++) {
-        created[t] = pthread_create(&ids[t], NULL, moba_rows, &workers[t]) == 0;
-        if (!created[t]) moba_rows(&workers[t]); /* no thread: its heads run here */
-    }
-    moba_rows(&workers[0]);
+    attnlab_run_workers(moba_rows, workers, sizeof workers[0], threads);
     int status = 0;
-    for (int t = 0; t < threads; t++) {
-        if (created[t]) pthread_join(ids[t], NULL);
+    for (int t = 0; t < threads; t++)
         if (workers[t].status) status = workers[t].status;
-    }
     return status;
 }

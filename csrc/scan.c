@@ -18,10 +18,10 @@
  */
 #include <float.h>
 #include <math.h>
-#include <pthread.h>
 #include <stdlib.h>
 
 #include "simd.h"
+#include "threads.h"
 #ifdef __SSE__
 #include <xmmintrin.h>
 #endif
@@ -178,20 +178,12 @@ int attnlab_causal_scan(const float *q, const float *k, const float *v, float *o
     if (threads < 1) threads = 1;
     if (threads > rows) threads = rows;
     scan_args a = {q, k, v, out, s, z, log_decay, rows, g, n, f, dv, chunk, feature, threads};
-    scan_worker workers[64];
-    pthread_t ids[64];
-    int created[64] = {0};
-    if (threads > 64) a.threads = threads = 64;
+    scan_worker workers[ATTNLAB_MAX_THREADS];
+    if (threads > ATTNLAB_MAX_THREADS) a.threads = threads = ATTNLAB_MAX_THREADS;
     for (int t = 0; t < threads; t++) workers[t] = (scan_worker){&a, t, 0};
-    for (int t = 1; t < threads; t++) {
-        created[t] = pthread_create(&ids[t], NULL, scan_rows, &workers[t]) == 0;
-        if (!created[t]) scan_rows(&workers[t]); /* no thread: its rows run here */
-    }
-    scan_rows(&workers[0]);
+    attnlab_run_workers(scan_rows, workers, sizeof workers[0], threads);
     int status = 0;
-    for (int t = 0; t < threads; t++) {
-        if (created[t]) pthread_join(ids[t], NULL);
+    for (int t = 0; t < threads; t++)
         if (workers[t].status) status = workers[t].status;
-    }
     return status;
 }

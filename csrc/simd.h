@@ -52,31 +52,34 @@ static inline v16 vexp16(v16 x) {
     return p * scale;
 }
 
-/* One register tile: C[4 x 16*NV] (+)= A[4 x K] B[K x 16*NV], row-major with leading
- * dimensions lda, ldb, ldc. */
-#define ATTNLAB_TILE(NV)                                                                   \
-    static inline void tile4x##NV(int K, const float *A, int lda, const float *B, int ldb, \
-                                  float *C, int ldc, int accumulate) {                     \
+/* Register tiles C[4 x 16*NV] (+)= A B over K, row-major B and C (leading dimensions ldb,
+ * ldc); A's element (r, k) is A[AT], AT an expression of r, k and lda:
+ * ATTNLAB_ROW_MAJOR (A row-major) or ATTNLAB_TRANSPOSED (A given as its transpose, lda the
+ * stride of its rows k). ATTNLAB_TILE(NAME, NV, AT) defines one as a static function. */
+#define ATTNLAB_ROW_MAJOR (size_t)r * lda + k
+#define ATTNLAB_TRANSPOSED (size_t)k * lda + r
+#define ATTNLAB_TILE(NAME, NV, AT)                                                         \
+    static inline void NAME(int K, const float *A, int lda, const float *B, int ldb,       \
+                            float *C, int ldc, int accumulate) {                           \
         v16 c[4][NV];                                                                      \
         for (int r = 0; r < 4; r++)                                                        \
             for (int u = 0; u < NV; u++)                                                   \
                 c[r][u] = accumulate ? load16(C + r * ldc + 16 * u) : splat16(0.0f);       \
         for (int k = 0; k < K; k++) {                                                      \
             v16 b[NV];                                                                     \
-            for (int u = 0; u < NV; u++) b[u] = load16(B + k * ldb + 16 * u);              \
+            for (int u = 0; u < NV; u++) b[u] = load16(B + (size_t)k * ldb + 16 * u);      \
             for (int r = 0; r < 4; r++) {                                                  \
-                v16 a = splat16(A[r * lda + k]);                                           \
+                v16 a = splat16(A[AT]);                                                    \
                 for (int u = 0; u < NV; u++) c[r][u] += a * b[u];                          \
             }                                                                              \
         }                                                                                  \
         for (int r = 0; r < 4; r++)                                                        \
             for (int u = 0; u < NV; u++) store16(C + r * ldc + 16 * u, c[r][u]);           \
     }
-ATTNLAB_TILE(1)
-ATTNLAB_TILE(2)
-ATTNLAB_TILE(3)
-ATTNLAB_TILE(4)
-#undef ATTNLAB_TILE
+ATTNLAB_TILE(tile4x1, 1, ATTNLAB_ROW_MAJOR)
+ATTNLAB_TILE(tile4x2, 2, ATTNLAB_ROW_MAJOR)
+ATTNLAB_TILE(tile4x3, 3, ATTNLAB_ROW_MAJOR)
+ATTNLAB_TILE(tile4x4, 4, ATTNLAB_ROW_MAJOR)
 
 /* C[4 x N] (+)= A[4 x K] B[K x N] for one band of 4 rows, N a multiple of 16. */
 static inline void gemm_rows4(int N, int K, const float *A, int lda, const float *B, int ldb,
