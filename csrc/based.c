@@ -28,9 +28,6 @@
 
 #include "simd.h"
 #include "threads.h"
-#ifdef __SSE__
-#include <xmmintrin.h>
-#endif
 
 typedef struct {
     const float *q, *k, *v; /* q [rows, g, n, d], k [rows, n, d], v [rows, n, dv] */
@@ -408,15 +405,10 @@ static void *based_rows(void *arg) {
         wk->status = 1;
         return NULL;
     }
-#ifdef __SSE__
-    unsigned int csr = _mm_getcsr();
-    _mm_setcsr(csr | 0x8040); /* flush-to-zero and denormals-are-zero, this thread only */
-#endif
+    const unsigned int csr = attnlab_flush_subnormals();
     for (int row; (row = __atomic_fetch_add(a->next_row, 1, __ATOMIC_RELAXED)) < a->rows;)
         based_row(a, m, row, buf);
-#ifdef __SSE__
-    _mm_setcsr(csr);
-#endif
+    attnlab_restore_subnormals(csr);
     free(buf);
     wk->status = 0;
     return NULL;

@@ -29,9 +29,6 @@
 
 #include "simd.h"
 #include "threads.h"
-#ifdef __SSE__
-#include <xmmintrin.h>
-#endif
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -414,19 +411,14 @@ static void *moba_rows(void *arg) {
     w.own_hi = p, p += w.nkb + 1;
     w.rows = p, p += TILE;
     w.cvis = p;
-#ifdef __SSE__
-    unsigned int csr = _mm_getcsr();
-    _mm_setcsr(csr | 0x8040); /* flush-to-zero and denormals-are-zero, this thread only */
-#endif
+    const unsigned int csr = attnlab_flush_subnormals();
     for (int item = wk->first; item < a->heads * a->parts; item += a->threads) {
         const int part = item % a->parts;
         const long nq = a->nq; /* the queries split evenly; under the causal rule the first
                                   ones have fewer eligible blocks, a small imbalance */
         moba_head(a, &w, item / a->parts, (int)(nq * part / a->parts), (int)(nq * (part + 1) / a->parts));
     }
-#ifdef __SSE__
-    _mm_setcsr(csr);
-#endif
+    attnlab_restore_subnormals(csr);
     free(fbuf);
     free(ibuf);
     wk->status = 0;

@@ -22,9 +22,6 @@
 
 #include "simd.h"
 #include "threads.h"
-#ifdef __SSE__
-#include <xmmintrin.h>
-#endif
 
 enum { FEATURE_IDENTITY = 0, FEATURE_ELU1 = 1, FEATURE_SILU = 2 };
 
@@ -152,14 +149,9 @@ static void *scan_rows(void *arg) {
         w->status = 1;
         return NULL;
     }
-#ifdef __SSE__
-    unsigned int csr = _mm_getcsr();
-    _mm_setcsr(csr | 0x8040); /* flush-to-zero and denormals-are-zero, this thread only */
-#endif
+    const unsigned int csr = attnlab_flush_subnormals();
     for (int row = w->first; row < a->rows; row += a->threads) scan_row(a, row, buf);
-#ifdef __SSE__
-    _mm_setcsr(csr);
-#endif
+    attnlab_restore_subnormals(csr);
     free(buf);
     w->status = 0;
     return NULL;

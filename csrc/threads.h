@@ -5,6 +5,9 @@
 
 #include <pthread.h>
 #include <stddef.h>
+#ifdef __SSE__
+#include <xmmintrin.h>
+#endif
 
 #define ATTNLAB_MAX_THREADS 64
 
@@ -23,6 +26,27 @@ static inline void attnlab_run_workers(void *(*work)(void *), void *records, siz
     work(at);
     for (int t = 1; t < count; t++)
         if (created[t]) pthread_join(ids[t], NULL);
+}
+
+/* Flush-to-zero and denormals-are-zero on the calling thread (a subnormal operand slows
+ * every product and exp many times over); returns the control word that
+ * attnlab_restore_subnormals puts back. */
+static inline unsigned int attnlab_flush_subnormals(void) {
+#ifdef __SSE__
+    const unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8040);
+    return csr;
+#else
+    return 0;
+#endif
+}
+
+static inline void attnlab_restore_subnormals(unsigned int csr) {
+#ifdef __SSE__
+    _mm_setcsr(csr);
+#else
+    (void)csr;
+#endif
 }
 
 #endif

@@ -66,6 +66,22 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _kernel_inputs(tensors) -> bool:
+    """The kernels are on and every tensor is float32 on the CPU, outside autograd."""
+    if not enabled():
+        return False
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _check(code: int, kernel: str) -> None:
+    """Raise on a kernel's nonzero return code."""
+    if code != 0:
+        why = {1: "out of memory", 2: "arguments the kernel does not take"}.get(code, "unknown")
+        raise RuntimeError(f"{kernel} failed with code {code}: {why}")
+
+
 def scan_applies(
     tensors: tuple[torch.Tensor | None, ...], *, feature: str | None, chunk: int
 ) -> bool:
@@ -76,11 +92,7 @@ def scan_applies(
     q, k, v, *rest = tensors
     log_decay = rest[-1] if rest else None
     present = [t for t in tensors if t is not None]
-    if not enabled() or feature not in SCAN_FEATURES or chunk > _MAX_CHUNK:
-        return False
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in present):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+    if feature not in SCAN_FEATURES or chunk > _MAX_CHUNK or not _kernel_inputs(present):
         return False
     if log_decay is not None and log_decay.shape[-1] != 1:
         return False
@@ -129,20 +141,14 @@ def causal_scan(
         SCAN_FEATURES[feature],
         torch.get_num_threads(),
     )
-    if code != 0:
-        why = {1: "out of memory", 2: "arguments the kernel does not take"}.get(code, "unknown")
-        raise RuntimeError(f"attnlab_causal_scan failed with code {code}: {why}")
+    _check(code, "attnlab_causal_scan")
     return out, s, z
 
 
 def moba_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask) -> bool:
     """Whether :func:`moba` takes these inputs: float32 CPU tensors without autograd, no
     mask, Dv a multiple of 16 (any D, block, top_k and lengths; GQA)."""
-    if not enabled() or mask is not None:
-        return False
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (q, k, v)):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+    if mask is not None or not _kernel_inputs((q, k, v)):
         return False
     return v.shape[-1] % 16 == 0 and q.shape[2] > 0 and k.shape[2] > 0
 
@@ -187,9 +193,7 @@ def moba(
         scale,
         torch.get_num_threads() if threads is None else threads,
     )
-    if code != 0:
-        why = {1: "out of memory", 2: "arguments the kernel does not take"}.get(code, "unknown")
-        raise RuntimeError(f"attnlab_moba failed with code {code}: {why}")
+    _check(code, "attnlab_moba")
     return out
 
 
@@ -200,11 +204,7 @@ BASED_CHUNKS = range(16, _MAX_CHUNK + 1, 16)
 def based_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk: int) -> bool:
     """Whether :func:`based` takes these inputs: float32 CPU tensors without autograd, Dv a
     multiple of 16 and a chunk of whole vectors (16 .. 256, a multiple of 16)."""
-    if not enabled() or chunk not in BASED_CHUNKS:
-        return False
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (q, k, v)):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+    if chunk not in BASED_CHUNKS or not _kernel_inputs((q, k, v)):
         return False
     return v.shape[-1] % 16 == 0 and q.shape[2] == k.shape[2]
 
@@ -247,7 +247,5 @@ def based(
         scale,
         torch.get_num_threads(),
     )
-    if code != 0:
-        why = {1: "out of memory", 2: "arguments the kernel does not take"}.get(code, "unknown")
-        raise RuntimeError(f"attnlab_based failed with code {code}: {why}")
+    _check(code, "attnlab_based")
     return out

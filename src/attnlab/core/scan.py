@@ -32,6 +32,7 @@ only when normalised), see :func:`init_state`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -474,29 +475,20 @@ def causal_scan(
     else:
         s, z = state["S"].to(acc), (state["z"].to(acc) if normalize else None)
     name = "identity" if feature_map is None else native_feature
-    inputs = (fq, fk, v, s, z, log_decay)
-    if native.scan_applies(inputs, feature=name, chunk=chunk or choose_chunk(n, compiled=True)):
-        chunk = chunk or choose_chunk(n, compiled=True)
-        out, s, z = native.causal_scan(
-            fq.reshape(b, hk, hq // hk, n, fq.shape[-1]),
-            fk,
-            v,
-            s,
-            z,
-            chunk=chunk,
-            feature=name,
-            log_decay=log_decay,
-        )
-        return out.reshape(b, hq, n, -1), ({"S": s, "z": z} if normalize else {"S": s})
-    chunk = chunk or choose_chunk(n)
-    out, s, z = _scan_blocks(
+    compiled_chunk = chunk or choose_chunk(n, compiled=True)
+    if native.scan_applies((fq, fk, v, s, z, log_decay), feature=name, chunk=compiled_chunk):
+        kernel = functools.partial(native.causal_scan, feature=name)
+        chunk = compiled_chunk
+    else:
+        kernel = functools.partial(_scan_blocks, feature_map=feature_map)
+        chunk = chunk or choose_chunk(n)
+    out, s, z = kernel(
         fq.reshape(b, hk, hq // hk, n, fq.shape[-1]),
         fk,
         v,
         s,
         z,
         chunk=chunk,
-        feature_map=feature_map,
         log_decay=log_decay,
     )
     return out.reshape(b, hq, n, -1), ({"S": s, "z": z} if normalize else {"S": s})
