@@ -45,73 +45,6 @@ typedef struct {
 
 static inline int based_up(int x, int m) { return (x + m - 1) / m * m; }
 
-/* Lanes l and l ^ 8, 4, 2, 1 exchanged (constant masks: one shuffle each). */
-#define BASED_SWAP8(x) __builtin_shuffle(x, (i16v){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7})
-#define BASED_SWAP4(x) __builtin_shuffle(x, (i16v){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11})
-#define BASED_SWAP2(x) __builtin_shuffle(x, (i16v){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13})
-#define BASED_SWAP1(x) __builtin_shuffle(x, (i16v){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14})
-
-static inline float based_hsum(v16 x) {
-    x += BASED_SWAP8(x);
-    x += BASED_SWAP4(x);
-    x += BASED_SWAP2(x);
-    x += BASED_SWAP1(x);
-    return x[0];
-}
-
-static inline float based_hmax(v16 x) {
-    x = vmax16(x, BASED_SWAP8(x));
-    x = vmax16(x, BASED_SWAP4(x));
-    x = vmax16(x, BASED_SWAP2(x));
-    x = vmax16(x, BASED_SWAP1(x));
-    return x[0];
-}
-
-/* One step of the transpose: rows i and i + b (i & b == 0) exchange their off-diagonal
- * blocks of b lanes. */
-static inline void based_stage(v16 r[16], int b, i16v lo, i16v hi) {
-    for (int i = 0; i < 16; i++)
-        if (!(i & b)) {
-            v16 x = r[i], y = r[i + b];
-            r[i] = __builtin_shuffle(x, y, lo);
-            r[i + b] = __builtin_shuffle(x, y, hi);
-        }
-}
-
-/* r[0..15] transposed in registers: swap the off-diagonal blocks of 8, then of 4, 2, 1. */
-static inline void based_transpose(v16 r[16]) {
-    based_stage(r, 8, (i16v){0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
-                (i16v){8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
-    based_stage(r, 4, (i16v){0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
-                (i16v){4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
-    based_stage(r, 2, (i16v){0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
-                (i16v){2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
-    based_stage(r, 1, (i16v){0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
-                (i16v){1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
-}
-
-/* dst[e * ldd + j] = src[j * lds + e] for j < rows (zeros for rows .. 16), e < 16. */
-static inline void based_transpose16(const float *src, int lds, int rows, float *dst, int ldd) {
-    v16 r[16];
-    for (int j = 0; j < 16; j++) r[j] = j < rows ? load16(src + (size_t)j * lds) : splat16(0.0f);
-    based_transpose(r);
-    for (int e = 0; e < 16; e++) store16(dst + (size_t)e * ldd, r[e]);
-}
-
-/* dst[e * ldd + j] = src[j * lds + e] for j < c (a multiple of 16; zeros from j = rows
- * on) and e < d: c tokens' rows transposed, in blocks of 16 x 16. */
-static void based_transpose_rows(float *dst, int ldd, const float *src, int lds, int c, int rows,
-                                 int d) {
-    for (int j0 = 0; j0 < c; j0 += 16) {
-        const int r = rows - j0 < 0 ? 0 : rows - j0 < 16 ? rows - j0 : 16;
-        const float *sj = src + (size_t)j0 * lds;
-        int e0 = 0;
-        for (; e0 + 16 <= d; e0 += 16) based_transpose16(sj + e0, lds, r, dst + (size_t)e0 * ldd + j0, ldd);
-        for (; e0 < d; e0++)
-            for (int j = 0; j < 16; j++) dst[(size_t)e0 * ldd + j0 + j] = j < r ? sj[(size_t)j * lds + e0] : 0.0f;
-    }
-}
-
 /* csrc/simd.h's register tiles of 80 columns, and of up to 80 with A given transposed. */
 ATTNLAB_TILE(based_nn5, 5, ATTNLAB_ROW_MAJOR)
 ATTNLAB_TILE(based_tn1, 1, ATTNLAB_TRANSPOSED)
@@ -209,7 +142,7 @@ static inline void band_weights(float *sc, const float *tt, int ld, int top0, in
             x[r][u] = load16(si + 16 * u) * scale;
             mv = vmax16(mv, x[r][u]);
         }
-        top[r] = based_hmax(mv);
+        top[r] = hmax16(mv);
     }
     v16 shrink = splat16(0.0f); /* e^-M of the 4 rows */
     for (int r = 0; r < 4; r++) shrink[r] = -top[r];
@@ -233,7 +166,7 @@ static inline void band_weights(float *sc, const float *tt, int ld, int top0, in
             sum += e;
         }
         for (int j = top0 + r + 1; j < kend; j++) si[j] = 0.0f;
-        den[r] = den[r] * shrink[r] + based_hsum(sum);
+        den[r] = den[r] * shrink[r] + hsum16(sum);
         const v16 sh = splat16(shrink[r]);
         for (int e = 0; e < dv; e += 16) store16(ob + (size_t)r * dv + e, load16(ob + (size_t)r * dv + e) * sh);
     }
@@ -296,7 +229,7 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
                         acc[u] = load16(ph + (size_t)(e0 + u) * c);
                         for (int j = 16; j < c; j += 16) acc[u] += load16(ph + (size_t)(e0 + u) * c + j);
                     }
-                    based_transpose(acc);
+                    transpose16x16(acc);
                     for (int u = 1; u < 16; u++) acc[0] += acc[u];
                     store16(z + e0, load16(z + e0) + acc[0]);
                 }
@@ -315,7 +248,7 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
         }
         float *kb = kt + base, *ykb = ykt + base;
         /* the chunk's keys (transposed), values and projected keys at columns h .. span */
-        based_transpose_rows(kb + h, cap, kr + (size_t)t0 * d, d, c, ct, d);
+        transpose_rows(kb + h, cap, kr + (size_t)t0 * d, d, c, ct, d);
         const float *vsp = based_vrows(vr, n, dv, t0 - h, span, vs); /* the span's values */
         based_gemm(0, m.dp4, c, d, a->pt, d, kb + h, cap, ykb + h, cap, 0);
         const int jmin = h - t0 > 0 ? h - t0 : 0; /* span columns of positions >= 0 */
@@ -330,7 +263,7 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
             }
             /* the projections as rows, yq^T = P^T q^T: the queries transposed, then a product
              * of whole tiles (a product with 16 columns per row keeps too few sums going) */
-            based_transpose_rows(qt, c, qp, d, c, c, d);
+            transpose_rows(qt, c, qp, d, c, c, d);
             based_gemm(0, m.dp4, c, d, a->pt, d, qt, c, yqt, c, 0);
             taylor_rows(ph, c, yqt, c, dp, 0.5f, z, den); /* phi(q), phi(q).z */
             based_gemm(1, c, dv, f, ph, c, s, dv, ob, dv, 0); /* phi(q) S */
@@ -362,7 +295,7 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
                             v16 x = load16(si + jb) * scale;
                             mv = vmax16(mv, vselect16((jj >= fwlo) & (jj <= fwhi), x, splat16(0.0f)));
                         }
-                        const float top = based_hmax(mv);
+                        const float top = hmax16(mv);
                         const float shrink = vexp16(splat16(-top))[0]; /* e^-M */
                         const v16 half_shrink = splat16(0.5f * shrink);
                         v16 sum = splat16(0.0f);
@@ -379,7 +312,7 @@ static void based_row(const based_args *a, based_dims m, int row, float *buf) {
                             store16(si + jb, wv);
                             sum += wv;
                         }
-                        den[i] = den[i] * shrink + based_hsum(sum);
+                        den[i] = den[i] * shrink + hsum16(sum);
                         v16 sh = splat16(shrink);
                         for (int e = 0; e < dv; e += 16) store16(ob + (size_t)i * dv + e, load16(ob + (size_t)i * dv + e) * sh);
                     }

@@ -29,9 +29,6 @@
 
 #include "simd.h"
 #include "threads.h"
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
 
 enum { TILE = 64, GATE_ROWS = 64 };
 
@@ -91,15 +88,6 @@ static inline int any16(i16v m) {
     for (int u = 0; u < 16; u++) r |= m[u];
     return r != 0;
 #endif
-}
-
-/* The largest lane. */
-static inline float hmax16(v16 x) {
-    x = vmax16(x, __builtin_shuffle(x, (i16v){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
-    x = vmax16(x, __builtin_shuffle(x, (i16v){4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3}));
-    x = vmax16(x, __builtin_shuffle(x, (i16v){2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1}));
-    x = vmax16(x, __builtin_shuffle(x, (i16v){1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0}));
-    return x[0];
 }
 
 /* The first set lane of a comparison (16: none). */
@@ -200,21 +188,11 @@ static void select_blocks(const moba_args *a, moba_scratch *w, const float *q, c
         }
 }
 
-/* Lane-wise maximum in one instruction where AVX-512 has it (vmax16 is a compare and a
- * select). */
-static inline v16 vfmax16(v16 a, v16 b) {
-#ifdef __AVX512F__
-    return (v16)_mm512_max_ps((__m512)a, (__m512)b);
-#else
-    return vmax16(a, b);
-#endif
-}
-
 /* 2^x for x <= 0 to ~2 ulp; below -126 it gives 2^-126 (never a subnormal). n = round(x),
  * r = x - n in [-1/2, 1/2], 2^r by its degree-6 Taylor polynomial (error < 1.3e-7), 2^n in
  * the exponent bits. Cheaper than vexp16: no upper clamp, no two-part reduction. */
 static inline v16 vexp2_16(v16 x) {
-    x = vfmax16(x, splat16(-126.0f));
+    x = vmax16(x, splat16(-126.0f));
     const v16 magic = splat16(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
     const v16 n = (x + magic) - magic;
     const v16 r = x - n;
@@ -243,8 +221,8 @@ static void softmax_band(moba_scratch *w, float *s, int bp, int r0, int rows, in
         const int c = w->cvis[r], i = w->rows[r], cf = c / 16 * 16;
         const i16v tail = lane < (c - cf);
         v16 vm = ninf;
-        for (int u = 0; u < cf; u += 16) vm = vfmax16(vm, load16(row + u));
-        if (cf < c) vm = vfmax16(vm, vselect16(tail, load16(row + cf), ninf));
+        for (int u = 0; u < cf; u += 16) vm = vmax16(vm, load16(row + u));
+        if (cf < c) vm = vmax16(vm, vselect16(tail, load16(row + cf), ninf));
         const float mx = hmax16(vm), mo = w->m[i], mn = mo > mx ? mo : mx;
         const v16 vmn = splat16(mn);
         v16 vs = splat16(0.0f);
@@ -329,15 +307,7 @@ static void moba_head(const moba_args *a, moba_scratch *w, int head, int qa, int
         const int k0 = j * a->block, len = nk - k0 < a->block ? nk - k0 : a->block;
         const int lo = w->own_lo[j], hi = w->own_hi[j], others = w->start[j + 1] - w->start[j];
         if (lo >= hi && others == 0) continue;
-        const int lenp = round_up(len, 16);
-        for (int t0 = 0; t0 < lenp; t0 += 16) { /* 16 keys at a time: reads stay in L1 */
-            const int tn = len - t0 < 16 ? len - t0 : 16;
-            for (int e = 0; e < d; e++) {
-                float *dst = w->kt + (size_t)e * bp + t0;
-                for (int t = 0; t < tn; t++) dst[t] = k[(size_t)(k0 + t0 + t) * d + e];
-                for (int t = tn; t < 16; t++) dst[t] = 0.0f;
-            }
-        }
+        transpose_rows(w->kt, bp, k + (size_t)k0 * d, d, round_up(len, 16), len, d);
         const float *vj = v + (size_t)k0 * dv;
         for (int r0 = lo; r0 < hi; r0 += TILE) {
             const int t = hi - r0 < TILE ? hi - r0 : TILE;

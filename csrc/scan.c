@@ -72,8 +72,7 @@ static void scan_row(const scan_args *a, int row, float *buf) {
         const int full = ct == cp;
         feature_map(fk, a->k + ((size_t)row * n + t0) * f, ct * f, a->feature);
         memset(fk + ct * f, 0, sizeof(float) * (cp - ct) * f);
-        for (int j = 0; j < cp; j++)
-            for (int e = 0; e < f; e++) fkt[e * cp + j] = fk[j * f + e];
+        transpose_rows(fkt, cp, fk, f, cp, cp, f);
         const float *vb = a->v + ((size_t)row * n + t0) * dv;
         if (!full) {
             memcpy(vbuf, vb, sizeof(float) * ct * dv);

@@ -10,6 +10,9 @@
 
 #include <stdint.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
@@ -25,8 +28,22 @@ static inline v16 splat16(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, 
 static inline v16 vselect16(i16v m, v16 a, v16 b) {
     return (v16)(((i16v)a & m) | ((i16v)b & ~m));
 }
-static inline v16 vmax16(v16 a, v16 b) { return vselect16(a > b, a, b); }
-static inline v16 vmin16(v16 a, v16 b) { return vselect16(a < b, a, b); }
+/* Lane-wise maximum and minimum (b where a lane is NaN): one instruction with AVX-512, else a
+ * compare and a select. */
+static inline v16 vmax16(v16 a, v16 b) {
+#ifdef __AVX512F__
+    return (v16)_mm512_max_ps((__m512)a, (__m512)b);
+#else
+    return vselect16(a > b, a, b);
+#endif
+}
+static inline v16 vmin16(v16 a, v16 b) {
+#ifdef __AVX512F__
+    return (v16)_mm512_min_ps((__m512)a, (__m512)b);
+#else
+    return vselect16(a < b, a, b);
+#endif
+}
 
 /* exp(x) to ~2 ulp for x in [-87, 88.7]; smaller x give ~2e-38 (never a subnormal),
  * larger ones ~3.4e38. Range reduction x = n ln2 + r, |r| <= ln2/2, a degree-7 Taylor
@@ -50,6 +67,74 @@ static inline v16 vexp16(v16 x) {
     v16 scale;
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;
+}
+
+/* Lanes l and l ^ 8, 4, 2, 1 exchanged (constant masks: one shuffle each). */
+#define ATTNLAB_SWAP8(x) __builtin_shuffle(x, (i16v){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7})
+#define ATTNLAB_SWAP4(x) __builtin_shuffle(x, (i16v){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11})
+#define ATTNLAB_SWAP2(x) __builtin_shuffle(x, (i16v){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13})
+#define ATTNLAB_SWAP1(x) __builtin_shuffle(x, (i16v){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14})
+
+/* The sum and the largest of the 16 lanes. */
+static inline float hsum16(v16 x) {
+    x += ATTNLAB_SWAP8(x);
+    x += ATTNLAB_SWAP4(x);
+    x += ATTNLAB_SWAP2(x);
+    x += ATTNLAB_SWAP1(x);
+    return x[0];
+}
+
+static inline float hmax16(v16 x) {
+    x = vmax16(x, ATTNLAB_SWAP8(x));
+    x = vmax16(x, ATTNLAB_SWAP4(x));
+    x = vmax16(x, ATTNLAB_SWAP2(x));
+    x = vmax16(x, ATTNLAB_SWAP1(x));
+    return x[0];
+}
+
+/* One step of the transpose: rows i and i + b (i & b == 0) exchange their off-diagonal
+ * blocks of b lanes. */
+static inline void transpose_stage(v16 r[16], int b, i16v lo, i16v hi) {
+    for (int i = 0; i < 16; i++)
+        if (!(i & b)) {
+            v16 x = r[i], y = r[i + b];
+            r[i] = __builtin_shuffle(x, y, lo);
+            r[i + b] = __builtin_shuffle(x, y, hi);
+        }
+}
+
+/* r[0..15] transposed in registers: swap the off-diagonal blocks of 8, then of 4, 2, 1. */
+static inline void transpose16x16(v16 r[16]) {
+    transpose_stage(r, 8, (i16v){0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                    (i16v){8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+    transpose_stage(r, 4, (i16v){0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                    (i16v){4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+    transpose_stage(r, 2, (i16v){0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                    (i16v){2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+    transpose_stage(r, 1, (i16v){0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+                    (i16v){1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+}
+
+/* dst[e * ldd + j] = src[j * lds + e] for j < rows (zeros for rows .. 16), e < 16. */
+static inline void transpose_block16(const float *src, int lds, int rows, float *dst, int ldd) {
+    v16 r[16];
+    for (int j = 0; j < 16; j++) r[j] = j < rows ? load16(src + (size_t)j * lds) : splat16(0.0f);
+    transpose16x16(r);
+    for (int e = 0; e < 16; e++) store16(dst + (size_t)e * ldd, r[e]);
+}
+
+/* dst[e * ldd + j] = src[j * lds + e] for j < c (a multiple of 16; zeros from j = rows
+ * on) and e < d: c tokens' rows transposed, in blocks of 16 x 16. */
+static inline void transpose_rows(float *dst, int ldd, const float *src, int lds, int c, int rows,
+                                  int d) {
+    for (int j0 = 0; j0 < c; j0 += 16) {
+        const int r = rows - j0 < 0 ? 0 : rows - j0 < 16 ? rows - j0 : 16;
+        const float *sj = src + (size_t)j0 * lds;
+        int e0 = 0;
+        for (; e0 + 16 <= d; e0 += 16) transpose_block16(sj + e0, lds, r, dst + (size_t)e0 * ldd + j0, ldd);
+        for (; e0 < d; e0++)
+            for (int j = 0; j < 16; j++) dst[(size_t)e0 * ldd + j0 + j] = j < r ? sj[(size_t)j * lds + e0] : 0.0f;
+    }
 }
 
 /* Register tiles C[4 x 16*NV] (+)= A B over K, row-major B and C (leading dimensions ldb,
