@@ -39,9 +39,8 @@ import torch.nn.functional as F
 
 from attnlab.core import native
 
-# Chunk size by sequence length N for the PyTorch scan: the fastest C on CPU at every N
-# tried (float32, causal, B1 H8 Dv64), as `attnlab bench chunks` records it in
-# benchmarks/chunks-cpu.json (benchmarks/README.md names the command).
+# Chunk size by sequence length N for the PyTorch scan: the fastest C on CPU at long N
+# (`attnlab bench chunks`, recorded in benchmarks/chunks-cpu.json).
 CHUNK_TABLE: tuple[tuple[int, int], ...] = ((10**12, 64),)
 # The same for the compiled kernel (csrc/scan.c): a chunk's own scores cost C per token,
 # its state products a fixed F·Dv, so small chunks win until the per-chunk state traffic

@@ -126,8 +126,8 @@ class MoBA(KVCacheDecode, Mechanism):
     Paths (``backend``): for inference on CPU in float32 without a mask (Dv a
     multiple of 16), ``"auto"`` runs the compiled kernel ``csrc/moba.c``
     (:func:`attnlab.core.native.moba`: gate, top-k and each query's one
-    online softmax over its blocks, fused; the fastest path, its speed against
-    SDPA is recorded in ``benchmarks/speed-cpu.json``) where it was built.
+    online softmax over its blocks, fused; its speed against SDPA is recorded
+    in ``benchmarks/speed-cpu.json``) where it was built.
     Otherwise, on CPU in float32/float64, with no mask and whole blocks of as
     many queries as keys, ``"auto"`` takes :func:`._moba_tiled.tiled_moba`,
     head by head: each query's own block in one fused
