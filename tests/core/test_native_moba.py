@@ -61,7 +61,7 @@ def test_moba_kernel_equals_the_torch_path_and_the_dense_reference(shape, causal
     allowed = selection_mask(sel, block, nk)
     want = reference_attention(q, k, v, causal=causal, mask=allowed, scale=scale)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-6)
-    mech = attnlab.get("moba", block=block, top_k=top_k, form="torch")
+    mech = attnlab.get("moba", block=block, top_k=top_k, backend="torch")
     with torch.no_grad():
         plain = mech(q, k, v, causal=causal, scale=scale)
     torch.testing.assert_close(got, plain, rtol=1e-5, atol=2e-6)

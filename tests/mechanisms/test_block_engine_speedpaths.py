@@ -8,7 +8,10 @@ import pytest
 import torch
 
 import attnlab
-import attnlab.core.blocks as blocks
+import attnlab.core.blocks.autograd as block_autograd
+import attnlab.core.blocks.sizes as block_sizes
+import attnlab.core.blocks.trainable as trainable
+from attnlab.core.blocks import band_runs
 from attnlab.core.reference import reference_attention
 
 
@@ -25,15 +28,15 @@ def _dense(mech, n, nk, causal, heads):
 def _band_calls(monkeypatch):
     """Record the runs that go through the band + log-sum-exp merge path."""
     calls = []
-    inner = blocks._band_and_extras
+    inner = trainable._band_and_extras
 
     def spy(*args, **kwargs):
-        calls.append(args[6])  # (first, width, bias, extra, extra_bias)
+        calls.append(args[6])  # the run's BandSplit
         return inner(*args, **kwargs)
 
-    monkeypatch.setattr(blocks, "_band_and_extras", spy)
+    monkeypatch.setattr(trainable, "_band_and_extras", spy)
     # every chunk counts as large, so tiny shapes take the fused kernels
-    monkeypatch.setattr(blocks, "_FUSED_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(block_sizes, "FUSED_MIN_ELEMENTS", 0)
     return calls
 
 
@@ -44,10 +47,10 @@ def test_band_plus_gathered_blocks_equal_dense(monkeypatch, n, nk, causal):
     log-sum-exps: the dense answer, also with padded last blocks and cross shapes."""
     calls = _band_calls(monkeypatch)
     # one query block per gathered piece, two per band call
-    monkeypatch.setattr(blocks, "_BAND_GATHER_BYTES", 1)
-    monkeypatch.setattr(blocks, "_BAND_BYTES", 2 * 2 * 3 * 8 * 8 * 8)
+    monkeypatch.setattr(block_sizes, "BAND_GATHER_BYTES", 1)
+    monkeypatch.setattr(block_sizes, "BAND_BYTES", 2 * 2 * 3 * 8 * 8 * 8)
     heads = 3
-    mech = attnlab.get("blocksparse", local=2, global_blocks=1, random=2, block=8, form="torch")
+    mech = attnlab.get("blocksparse", local=2, global_blocks=1, random=2, block=8, backend="torch")
     q = torch.randn(2, heads, n, 8, dtype=torch.float64)
     k, v = (torch.randn(2, heads, nk, 8, dtype=torch.float64) for _ in range(2))
     want = reference_attention(q, k, v, mask=_dense(mech, n, nk, causal, heads))
@@ -56,7 +59,7 @@ def test_band_plus_gathered_blocks_equal_dense(monkeypatch, n, nk, causal):
     torch.testing.assert_close(got, want)
     if causal or nk % 8 == 0:
         # (without causality, rows whose band reaches a padded last key block step aside)
-        assert any(band[3].shape[-1] > 0 for band in calls), "nothing gathered"
+        assert any(band.extra.shape[-1] > 0 for band in calls), "nothing gathered"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -64,7 +67,7 @@ def test_band_path_in_low_precision(monkeypatch, dtype):
     """float32 and bfloat16 inputs: the merged answer within the dtype's tolerance."""
     calls = _band_calls(monkeypatch)
     n, heads = 64, 2
-    mech = attnlab.get("blocksparse", local=2, global_blocks=1, random=1, block=8, form="torch")
+    mech = attnlab.get("blocksparse", local=2, global_blocks=1, random=1, block=8, backend="torch")
     q, k, v = (torch.randn(1, heads, n, 16) for _ in range(3))
     want = reference_attention(
         q.double(), k.double(), v.double(), mask=_dense(mech, n, n, True, heads)
@@ -81,7 +84,7 @@ def test_gradients_and_gqa_keep_the_gathered_path(monkeypatch):
     answer, and backward works."""
     calls = _band_calls(monkeypatch)
     n, heads = 48, 4
-    mech = attnlab.get("blocksparse", local=2, global_blocks=1, random=1, block=8, form="torch")
+    mech = attnlab.get("blocksparse", local=2, global_blocks=1, random=1, block=8, backend="torch")
     q = torch.randn(1, heads, n, 8, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(1, heads, n, 8, dtype=torch.float64) for _ in range(2))
     want = reference_attention(q, k, v, mask=_dense(mech, n, n, True, heads))
@@ -104,16 +107,16 @@ def test_runs_are_not_shortened_by_one_wide_row(monkeypatch):
     mech = attnlab.get("blocksparse", local=2, global_blocks=1, random=1, block=4)
     layout = mech.layout(256, 256, False, 2)
     # a chunk holds the scores of one query block over every key block
-    monkeypatch.setattr(blocks, "_CHUNK_ELEMENTS", 2 * 4 * 4 * layout.k_blocks)
+    monkeypatch.setattr(block_sizes, "CHUNK_ELEMENTS", 2 * 4 * 4 * layout.k_blocks)
     runs = layout.runs(2)
-    assert runs[0][:3] == (0, 1, layout.k_blocks)
+    assert (runs[0].c0, runs[0].c1, runs[0].used) == (0, 1, layout.k_blocks)
     assert len(runs) < layout.q_blocks // 4
-    assert runs[-1][1] == layout.q_blocks
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(runs))
+    assert runs[-1].c1 == layout.q_blocks
+    assert all(a.c1 == b.c0 for a, b in itertools.pairwise(runs))
     # the band path (no per-run memory bound) joins the runs one band split covers
-    joined = layout.band_runs(2, torch.float32)
-    assert len(joined) < len(runs) and joined[-1][1] == layout.q_blocks
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(joined))
+    joined = band_runs(layout, 2, torch.float32)
+    assert len(joined) < len(runs) and joined[-1].c1 == layout.q_blocks
+    assert all(a.c1 == b.c0 for a, b in itertools.pairwise(joined))
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -125,14 +128,14 @@ def test_strided_and_neighborhood_through_the_band_path(monkeypatch, causal):
         ("strided", {"local": 2, "stride": 3, "block": 8}),
         ("neighborhood", {"kernel": 41, "block": 8}),
     ):
-        mech = attnlab.get(name, **config, form="torch")
+        mech = attnlab.get(name, **config, backend="torch")
         q, k, v = (torch.randn(1, heads, n, 8, dtype=torch.float64) for _ in range(3))
         want = reference_attention(q, k, v, mask=_dense(mech, n, n, causal, heads))
         with torch.no_grad():
             torch.testing.assert_close(mech(q, k, v, causal=causal), want)
         if name == "strided" and causal:
             # heads visit different numbers of shard blocks: padded slots are hidden
-            assert any(band[4] is not None for band in calls)
+            assert any(band.extra_bias is not None for band in calls)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -140,16 +143,16 @@ def test_joined_runs_with_padded_further_blocks_equal_dense(monkeypatch, causal)
     """Runs cut by the memory bound are joined again on the band path, their further
     blocks' padding masks concatenated (strided: heads visit different numbers)."""
     calls = _band_calls(monkeypatch)
-    monkeypatch.setattr(blocks, "_CHUNK_ELEMENTS", 4 * 64 * 8)
+    monkeypatch.setattr(block_sizes, "CHUNK_ELEMENTS", 4 * 64 * 8)
     n, heads = 256, 4
-    mech = attnlab.get("strided", local=2, stride=3, block=8, form="torch")
+    mech = attnlab.get("strided", local=2, stride=3, block=8, backend="torch")
     layout = mech.layout(n, n, causal, heads)
-    assert len(layout.band_runs(heads, torch.float64)) < len(layout.runs(heads))
+    assert len(band_runs(layout, heads, torch.float64)) < len(layout.runs(heads))
     q, k, v = (torch.randn(1, heads, n, 8, dtype=torch.float64) for _ in range(3))
     want = reference_attention(q, k, v, mask=_dense(mech, n, n, causal, heads))
     with torch.no_grad():
         torch.testing.assert_close(mech(q, k, v, causal=causal), want)
-    assert any(band[4] is not None and band[3].shape[2] > 1 for band in calls)
+    assert any(band.extra_bias is not None and band.extra.shape[2] > 1 for band in calls)
 
 
 @pytest.mark.parametrize("piece_bytes", [1, 1 << 30])
@@ -160,16 +163,16 @@ def test_gradient_pieces_equal_dense_gradients(monkeypatch, piece_bytes, causal)
     their log-sum-exps): output and dq, dk, dv equal the dense reference's, with
     partial last blocks, cross shapes with queries that see nothing, fewer key heads,
     one block per piece and whole runs per piece."""
-    for size in ("_GRAD_BYTES", "_BAND_BYTES", "_GATHER_BYTES"):
-        monkeypatch.setattr(blocks, size, piece_bytes)
+    for size in ("GRAD_BYTES", "BAND_BYTES", "GATHER_BYTES"):
+        monkeypatch.setattr(block_sizes, size, piece_bytes)
     seen_pieces = []
-    inner = blocks._BlockPieces.apply
+    inner = block_autograd.BlockPieces.apply
 
     def spy(q, k, v, forward, backward, *args):
         seen_pieces.extend(forward + backward)
         return inner(q, k, v, forward, backward, *args)
 
-    monkeypatch.setattr(blocks._BlockPieces, "apply", spy)
+    monkeypatch.setattr(block_autograd.BlockPieces, "apply", spy)
     heads = 4
     cases = [
         ("window", {"window": 9, "block": 4}, 30, 30, 4),
@@ -181,7 +184,7 @@ def test_gradient_pieces_equal_dense_gradients(monkeypatch, piece_bytes, causal)
         ("blocksparse", {"local": 2, "global_blocks": 1, "random": 2, "block": 4}, 38, 38, 4),
     ]
     for name, config, n, nk, kv_heads in cases:
-        mech = attnlab.get(name, **config, form="torch")
+        mech = attnlab.get(name, **config, backend="torch")
         q = torch.randn(2, heads, n, 8, dtype=torch.float64, requires_grad=True)
         k, v = (
             torch.randn(2, kv_heads, nk, 8, dtype=torch.float64, requires_grad=True)
@@ -199,13 +202,13 @@ def test_gradient_pieces_equal_dense_gradients(monkeypatch, piece_bytes, causal)
             strict=True,
         ):
             torch.testing.assert_close(a, b)
-    parts = [part for piece in seen_pieces for part in piece[2]]
-    bands = [p for p in seen_pieces if p[2][0][0] is not None]
-    assert any(p[1] - p[0] > 1 for p in bands) == (piece_bytes > 1)
+    parts = [part for piece in seen_pieces for part in piece.parts]
+    bands = [p for p in seen_pieces if p.parts[0].start is not None]
+    assert any(p.c1 - p.c0 > 1 for p in bands) == (piece_bytes > 1)
     assert bands, "no band read in place"
-    assert any(part[1] is not None for part in parts), "nothing gathered"
-    assert any(len(p[2]) == 2 for p in seen_pieces), "no band merged with further blocks"
-    assert any(p[3] is not None for p in seen_pieces), "no query that sees nothing"
+    assert any(part.rows is not None for part in parts), "nothing gathered"
+    assert any(len(p.parts) == 2 for p in seen_pieces), "no band merged with further blocks"
+    assert any(p.seen is not None for p in seen_pieces), "no query that sees nothing"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -213,7 +216,7 @@ def test_gradient_pieces_in_low_precision(dtype):
     """float32 and bfloat16 gradients of the trainable path (key and value gradients
     summed over pieces in float32) within the dtype's tolerance of the fp64 ones."""
     n, heads = 40, 2
-    mech = attnlab.get("window", window=9, block=4, form="torch")
+    mech = attnlab.get("window", window=9, block=4, backend="torch")
     q, k, v = (torch.randn(1, heads, n, 16) for _ in range(3))
     low = [x.to(dtype).requires_grad_() for x in (q, k, v)]
     ref = [x.double().requires_grad_() for x in (q, k, v)]

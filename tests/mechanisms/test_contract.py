@@ -152,16 +152,27 @@ def test_decoding_equals_parallel(name):
     assert isinstance(size, int) and size > 0
 
 
-FORMS = [(c, form) for c in CASES for form in attnlab.core.mechanism_class(c[0]).forms]
+FORMS = [
+    (c, option, value)
+    for c in CASES
+    for option, values in (
+        ("form", attnlab.core.mechanism_class(c[0]).forms),
+        ("backend", attnlab.core.mechanism_class(c[0]).backends),
+    )
+    for value in values
+]
 
 
-@pytest.mark.parametrize(("case", "form"), FORMS, ids=lambda x: x if isinstance(x, str) else _id(x))
-def test_forms_agree(case, form):
-    """Every computation path (parallel, chunked, recurrent, compiled, ...) gives one answer."""
+@pytest.mark.parametrize(
+    ("case", "option", "value"), FORMS, ids=lambda x: x if isinstance(x, str) else _id(x)
+)
+def test_forms_agree(case, option, value):
+    """Every form of the algorithm (parallel, chunked, recurrent, ...) and every backend
+    (torch, flex, compiled, ...) gives one answer."""
     name, causal, nq, nk = case
     q, k, v = inputs(nq=nq, nk=nk)
     default = build(name)
-    other = build(name, form=form)
+    other = build(name, **{option: value})
     other.load_state_dict(default.state_dict())
     torch.testing.assert_close(
         other(q, k, v, causal=causal), default(q, k, v, causal=causal), rtol=1e-4, atol=1e-5

@@ -230,10 +230,10 @@ def _biased_softmax(q, k, v, bias, causal=False):
 
 @pytest.mark.parametrize(("causal", "nq", "nk"), MODES[:4])
 @pytest.mark.parametrize("heads", [1, 4])
-@pytest.mark.parametrize("form", ["sdpa", "tiled"])
-def test_lowrank_bias_matches_its_definition(causal, nq, nk, heads, form):
+@pytest.mark.parametrize("backend", ["sdpa", "tiled"])
+def test_lowrank_bias_matches_its_definition(causal, nq, nk, heads, backend):
     mech = attnlab.get(
-        "lowrank-bias", rank=3, max_len=32, heads=heads, init_std=0.7, form=form, **BLOCKS
+        "lowrank-bias", rank=3, max_len=32, heads=heads, init_std=0.7, backend=backend, **BLOCKS
     )
     _check_reference(mech, causal, nq, nk)
     _check_reference(mech, causal, nq, nk, mask=_mask(nq, nk))

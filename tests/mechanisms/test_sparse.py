@@ -15,6 +15,7 @@ from attnlab.core.blocks import (
     choose_path,
     prefers_flex,
     ranges_to_candidates,
+    sliding_start,
 )
 from attnlab.core.reference import reference_attention
 from attnlab.mechanisms.sparse.neighborhood import axis_window
@@ -98,7 +99,7 @@ def test_neighborhood_matches_naive(case):
         stride=stride,
         axis_causal=axis_causal,
         block=8,
-        form="torch",
+        backend="torch",
     )
     allowed = naive_neighborhood_mask(shape, kernel, dilation, stride, axis_causal)
     q = torch.randn(1, 2, n, 8, dtype=torch.float64)
@@ -121,7 +122,7 @@ STATIC = ["window", "dilated", "neighborhood", "blocksparse", "strided", "radial
 @pytest.mark.parametrize("causal", [False, True])
 def test_each_equals_its_own_dense_mask(name, causal):
     """The engine's answer equals softmax under the mechanism's own rule, applied densely."""
-    mech = attnlab.get(name, **attnlab.core.mechanism_class(name).tiny_config, form="torch")
+    mech = attnlab.get(name, **attnlab.core.mechanism_class(name).tiny_config, backend="torch")
     n, heads = 24, 4
     rule = mech.rule(n, n, causal, heads)
     b = torch.zeros(1, 1, 1, 1, dtype=torch.long)
@@ -150,10 +151,10 @@ def test_each_equals_its_own_dense_mask(name, causal):
 def test_sliding_bands_read_keys_in_place(name, config, causal):
     """Bands of consecutive key blocks are read through strided views, also from strided inputs."""
     n, heads = 200, 3
-    mech = attnlab.get(name, **config, form="torch")
+    mech = attnlab.get(name, **config, backend="torch")
     layout = mech.layout(n, n, causal)
     assert any(
-        layout.sliding_start(c0, c1, used) is not None for c0, c1, used, *_ in layout.runs(3)
+        sliding_start(layout, run.c0, run.c1, run.used) is not None for run in layout.runs(3)
     )
     q = torch.randn(1, 300, heads, 16, dtype=torch.float64)[:, 50 : 50 + n].transpose(1, 2)
     k = torch.randn(1, n, heads, 16, dtype=torch.float64).transpose(1, 2)
@@ -276,18 +277,18 @@ def test_torch_and_flex_paths_agree(case):
     q, k = torch.randn(2, 4, n, 8), torch.randn(2, 2, n, 8)
     v = torch.randn(2, 2, n, 6)
     mask = (torch.rand(2, 1, n, n) > 0.3) if with_mask else None
-    torch_out = attnlab.get(name, **config, form="torch")(q, k, v, causal=causal, mask=mask)
-    flex_out = attnlab.get(name, **config, form="flex")(q, k, v, causal=causal, mask=mask)
+    torch_out = attnlab.get(name, **config, backend="torch")(q, k, v, causal=causal, mask=mask)
+    flex_out = attnlab.get(name, **config, backend="flex")(q, k, v, causal=causal, mask=mask)
     torch.testing.assert_close(flex_out, torch_out, rtol=1e-4, atol=1e-5)
 
 
-def test_flex_form_refuses_gradients_and_float64():
-    mech = attnlab.get("window", window=4, form="flex")
+def test_flex_backend_refuses_gradients_and_float64():
+    mech = attnlab.get("window", window=4, backend="flex")
     q = torch.randn(1, 1, 8, 4, dtype=torch.float64)
-    with pytest.raises(attnlab.AttnInputError, match="form"):
+    with pytest.raises(attnlab.AttnInputError, match="backend"):
         mech(q, q, q)
     q = torch.randn(1, 1, 8, 4, requires_grad=True)
-    with pytest.raises(attnlab.AttnInputError, match="form"):
+    with pytest.raises(attnlab.AttnInputError, match="backend"):
         mech(q, q, q)
 
 
@@ -295,14 +296,14 @@ def test_flex_form_refuses_gradients_and_float64():
 def test_gather_pieces_and_shared_bias_match_dense(monkeypatch, causal):
     """Gathers cut into one-block pieces, shared per-run biases and the preallocated
     output (no gradients) give the dense answer; so do whole runs with gradients."""
-    monkeypatch.setattr(attnlab.core.blocks, "_GATHER_BYTES", 1)
+    monkeypatch.setattr(attnlab.core.blocks.sizes, "GATHER_BYTES", 1)
     n, heads = 70, 3
-    mech = attnlab.get("blocksparse", local=2, global_blocks=1, random=1, block=8, form="torch")
+    mech = attnlab.get("blocksparse", local=2, global_blocks=1, random=1, block=8, backend="torch")
     layout = mech.layout(n, n, causal, heads)
     shared = [
-        layout.shared_bias(c0, c1, used, torch.float64)
-        for c0, c1, used, plain, _ in layout.runs(heads)
-        if not plain
+        layout.shared_bias(run.c0, run.c1, run.used, torch.float64)
+        for run in layout.runs(heads)
+        if not run.plain
     ]
     assert any(s is not None and s.shape[:2] == (1, 1) for s in shared)
     q, k, v = (torch.randn(1, heads, n, 8, dtype=torch.float64) for _ in range(3))

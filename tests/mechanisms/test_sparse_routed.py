@@ -51,15 +51,15 @@ def test_moba_keeps_own_block_and_matches_dense(causal):
     if causal:
         allowed = allowed & causal_mask(40, 40)
     want = dense(q, k, v, allowed)
-    for form in ("torch", "auto"):
-        got = attnlab.get("moba", block=8, top_k=3, form=form)(q, k, v, causal=causal)
+    for backend in ("torch", "auto"):
+        got = attnlab.get("moba", block=8, top_k=3, backend=backend)(q, k, v, causal=causal)
         torch.testing.assert_close(got, want)
 
 
 def test_moba_fused_path_equals_trainable_path_float32():
     q, k, v = rand(b=2, h=4, n=70, d=16, dtype=torch.float32)
-    fast = attnlab.get("moba", block=16, top_k=2, form="auto")
-    slow = attnlab.get("moba", block=16, top_k=2, form="torch")
+    fast = attnlab.get("moba", block=16, top_k=2, backend="auto")
+    slow = attnlab.get("moba", block=16, top_k=2, backend="torch")
     with torch.no_grad():
         for causal in (False, True):
             torch.testing.assert_close(
@@ -69,7 +69,7 @@ def test_moba_fused_path_equals_trainable_path_float32():
 
 def test_moba_gradient_equals_dense_gradient():
     q, k, v = (t.requires_grad_() for t in rand(n=24))
-    mech = attnlab.get("moba", block=4, top_k=2, form="torch")
+    mech = attnlab.get("moba", block=4, top_k=2, backend="torch")
     out = mech(q, k, v, causal=True)
     sel = moba_select(q.detach(), k.detach(), block=4, top_k=2, causal=True)
     allowed = blocks_to_tokens(sel, 4, 24) & causal_mask(24, 24)
@@ -89,8 +89,8 @@ def test_moba_fused_backward_equals_plain_backward(causal):
     mask = torch.rand(1, 1, 30, 30) > 0.3
     for m in (None, mask):
         outs = [
-            attnlab.get("moba", block=4, top_k=3, form=form)(q, k, v, causal=causal, mask=m)
-            for form in ("auto", "torch")
+            attnlab.get("moba", block=4, top_k=3, backend=backend)(q, k, v, causal=causal, mask=m)
+            for backend in ("auto", "torch")
         ]
         g = torch.randn_like(outs[0])
         fused, plain = (torch.autograd.grad(o, (q, k, v), g) for o in outs)
@@ -167,7 +167,7 @@ def test_mosa_each_head_chooses_exactly_its_tokens():
 
 def test_biformer_routes_top_regions():
     q, k, v = rand(n=32)
-    mech = attnlab.get("biformer", region=8, top_k=2, form="torch")
+    mech = attnlab.get("biformer", region=8, top_k=2, backend="torch")
     out = mech(q, k, v)
     qr, kr = q.unflatten(2, (4, 8)).mean(3), k.unflatten(2, (4, 8)).mean(3)
     idx = (qr @ kr.transpose(-1, -2)).topk(2, dim=-1).indices  # [B, H, 4, 2]
@@ -230,19 +230,20 @@ def test_moba_tiled_inference_path_matches_dense(monkeypatch, causal, top_k):
     """The tiled inference path (causal sub-blocks of the own block, one call per key
     block, long runs in halves, gate in row chunks) equals the dense answer of its
     selection."""
+    import attnlab.mechanisms.sparse._moba_tiled as moba_tiled
     import attnlab.mechanisms.sparse.moba as moba
 
-    monkeypatch.setattr(moba, "_OWN_TILE", 4)
+    monkeypatch.setattr(moba_tiled, "_OWN_TILE", 4)
     monkeypatch.setattr(moba, "_GATE_ROWS", 5)
-    monkeypatch.setattr(moba, "_SPLIT_RUN", 3)  # runs of 3+ queries go in as two halves
+    monkeypatch.setattr(moba_tiled, "_SPLIT_RUN", 3)  # runs of 3+ queries go in as two halves
     q, k, v = rand(b=2, h=4, n=48)
     k, v = k[:, :2], v[:, :2]  # grouped-query
-    assert moba.tiled_applies(q, k, v, block=8, mask=None)
+    assert moba_tiled.tiled_applies(q, k, v, block=8, mask=None)
     sel = moba_select(q, k, block=8, top_k=top_k, causal=causal)
     allowed = blocks_to_tokens(sel, 8, 48)
     if causal:
         allowed = allowed & causal_mask(48, 48)
-    got = attnlab.get("moba", block=8, top_k=top_k, form="auto")(q, k, v, causal=causal)
+    got = attnlab.get("moba", block=8, top_k=top_k, backend="auto")(q, k, v, causal=causal)
     torch.testing.assert_close(got, dense(q, k, v, allowed))
 
 
@@ -250,10 +251,10 @@ def test_moba_tiled_inference_path_matches_dense(monkeypatch, causal, top_k):
 def test_moba_tiled_gradient_equals_dense_gradient(monkeypatch, causal):
     """With gradients the tiled path runs the fused kernel's backward per tile, given
     the merged log-sum-exp: output and gradients equal the dense answer's."""
-    import attnlab.mechanisms.sparse.moba as moba
+    import attnlab.mechanisms.sparse._moba_tiled as moba_tiled
 
-    monkeypatch.setattr(moba, "_OWN_TILE", 4)
-    monkeypatch.setattr(moba, "_SPLIT_RUN", 3)
+    monkeypatch.setattr(moba_tiled, "_OWN_TILE", 4)
+    monkeypatch.setattr(moba_tiled, "_SPLIT_RUN", 3)
     q, k, v = rand(b=1, h=4, n=48)
     k, v = k[:, :2], v[:, :2]  # grouped-query
     sel = moba_select(q, k, block=8, top_k=3, causal=causal)
@@ -262,7 +263,7 @@ def test_moba_tiled_gradient_equals_dense_gradient(monkeypatch, causal):
         allowed = allowed & causal_mask(48, 48)
     g = torch.randn(1, 4, 48, 8, dtype=torch.float64)
     ins = [x.clone().requires_grad_() for x in (q, k, v)]
-    got = attnlab.get("moba", block=8, top_k=3, form="auto")(*ins, causal=causal)
+    got = attnlab.get("moba", block=8, top_k=3, backend="auto")(*ins, causal=causal)
     (got * g).sum().backward()
     ref = [x.clone().requires_grad_() for x in (q, k, v)]
     want = dense(*ref, allowed)

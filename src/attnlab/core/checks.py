@@ -1,4 +1,4 @@
-"""Input checks shared by every mechanism (the tensor contract of DESIGN.md).
+"""Input checks shared by every mechanism: the tensor contract (SDPA's convention).
 
 Every failure raises :class:`AttnInputError` naming the argument, what was
 expected and what came. Nothing is broadcast or truncated silently.

@@ -13,16 +13,6 @@ def causal_mask(nq: int, nk: int, device=None) -> torch.Tensor:
     return cols <= rows + offset
 
 
-def full_mask(
-    mask: torch.Tensor | None, causal: bool, nq: int, nk: int, device=None
-) -> torch.Tensor | None:
-    """The user's mask and the causal mask combined into one bool mask (or None)."""
-    if not causal:
-        return mask
-    cm = causal_mask(nq, nk, device)
-    return cm if mask is None else mask & cm
-
-
 def slice_mask(mask: torch.Tensor | None, qs: slice, ks: slice) -> torch.Tensor | None:
     """The tile ``[..., qs, ks]`` of a 4-d broadcastable mask (size-1 dims kept)."""
     if mask is None:

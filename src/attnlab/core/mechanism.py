@@ -1,7 +1,7 @@
 """`Mechanism`: the base class every attention mechanism derives from.
 
 A mechanism is an ``nn.Module`` built from a ``Config`` dataclass. Calling it
-checks the input against the tensor contract (DESIGN.md), asks the mechanism
+checks the input against the tensor contract (:mod:`.checks`), asks the mechanism
 what it cannot do (:meth:`Mechanism.unsupported`), clears padded keys and
 values, and only then runs :meth:`forward` with a resolved float ``scale`` and
 a 4-d bool ``mask`` (or None).
@@ -37,14 +37,17 @@ class Mechanism(nn.Module):
       approximations of softmax (sigmoid, linear, ...);
     - ``tiny_config``: options under which tiny test inputs still cross
       block or chunk boundaries;
-    - ``forms``: names of alternative computation paths selected by
-      ``Config.form``; the contract tests check that all forms agree;
+    - ``forms``: names of the algorithm's alternative forms (parallel, chunked,
+      recurrent, ...) selected by ``Config.form``; ``backends``: names of the
+      places it can run (auto, torch, flex, ...) selected by ``Config.backend``;
+      the contract tests check that all forms and all backends agree;
     - ``init_state``/``step``/``state_size`` for mechanisms with a cached or
       recurrent form (``spec.decode``).
     """
 
     spec: ClassVar[Spec]
     forms: ClassVar[tuple[str, ...]] = ()
+    backends: ClassVar[tuple[str, ...]] = ()
     # Config options that exercise the mechanism's blocking on tiny inputs
     # (a few dozen tokens); the contract tests build it with them.
     tiny_config: ClassVar[dict[str, Any]] = {}
@@ -56,6 +59,12 @@ class Mechanism(nn.Module):
     def __init__(self, **config: Any) -> None:
         super().__init__()
         fields = [f.name for f in dataclasses.fields(self.Config)]
+        if "form" in config and "form" not in fields and "backend" in fields:
+            raise AttnInputError(
+                f"form: form is now backend (where {self.spec.name!r} runs: one of "
+                f"{', '.join(self.backends)}); pass backend={config['form']!r}, got form="
+                f"{config['form']!r}"
+            )
         unknown = sorted(set(config) - set(fields))
         if unknown:
             raise AttnInputError(
@@ -66,6 +75,10 @@ class Mechanism(nn.Module):
         if self.forms and getattr(self.config, "form", None) not in self.forms:
             raise AttnInputError(
                 f"form: expected one of {', '.join(self.forms)}, got {self.config.form!r}"
+            )
+        if self.backends and getattr(self.config, "backend", None) not in self.backends:
+            raise AttnInputError(
+                f"backend: expected one of {', '.join(self.backends)}, got {self.config.backend!r}"
             )
 
     def __call__(

@@ -33,31 +33,18 @@ only when normalised), see :func:`init_state`.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
 
 from attnlab.core import native
 
-# Chunk size by sequence length N: the measured best on the CPU of the development
-# machine (2 cores, torch 2.13, float32, causal, B1 H8 Dv64, 2026-11-22; the machine is
-# noisy, differences under ~10% are not significant). `attnlab bench chunks --n N
-# --features 16,64 --chunks 32,64,128 --repeats 5` (the scan alone, median ms; blocks of
-# up to 32 chunks, the normaliser apart from the values):
-#   N=1024:  F=16  C32 3.8, C64 3.6, C128 3.5;    F=64 C32 6.9, C64 4.0, C128 4.6
-#   N=4096:  F=16  C32 10.3, C64 9.4, C128 12.4;  F=64 C32 24.0, C64 21.4, C128 24.3
-#   N=16384: F=16  C32 55.3, C64 46.9, C128 58.6; F=64 C32 83.1, C64 79.9, C128 89.2
-# C=64 at every N (the earlier layout, a ones column beside the values and 16-chunk
-# blocks, preferred 128 above 2048 tokens).
+# Chunk size by sequence length N for the PyTorch scan: the fastest C on CPU at long N
+# (`attnlab bench chunks`, recorded in benchmarks/chunks-cpu.json).
 CHUNK_TABLE: tuple[tuple[int, int], ...] = ((10**12, 64),)
-# The same for the compiled kernel (csrc/scan.c), `attnlab bench chunks --n N --features
-# 64 --chunks 16,32,48,64 --repeats 7`, two runs each (2026-11-22, same machine):
-#   N=1024:  C16 7.1, 3.0; C32 7.9, 3.0; C48 7.6, 3.2; C64 7.7, 3.3
-#   N=16384: C16 61.5, 54.5; C32 58.6, 55.3; C48 62.5, 57.3; C64 65.3, 59.5
-# (and with F=16 at N=16384: C16 27.7, C32 29.4, C64 32.4, C128 39.5). A chunk's own
-# scores cost C per token, its state products a fixed F·Dv: small chunks win until the
-# per-chunk state traffic dominates.
+# The same for the compiled kernel (csrc/scan.c): a chunk's own scores cost C per token,
+# its state products a fixed F·Dv, so small chunks win until the per-chunk state traffic
+# dominates.
 COMPILED_CHUNK_TABLE: tuple[tuple[int, int], ...] = ((10**12, 32),)
 
 # Elements allowed in one block's largest intermediate (features, scores, values):
@@ -554,15 +541,3 @@ def linear_attention(
         fq, fk_a, v_a, form=form, state=state, chunk=chunk, log_decay=log_decay, normalize=normalize
     )
     return out
-
-
-def orthogonal_gaussian(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
-    """[rows, cols] random features with orthogonal rows in blocks of ``cols``, each row's norm
-    drawn from the chi distribution of a Gaussian vector (Performer, arXiv:2009.14794, sec. 4)."""
-    g = torch.randn(math.ceil(rows / cols), cols, cols, generator=generator, dtype=torch.float64)
-    qmat, r = torch.linalg.qr(g)  # one orthogonal block per `cols` rows
-    qmat = qmat * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]
-    blocks = qmat.transpose(-1, -2)
-    w = blocks.reshape(-1, cols)[:rows]
-    norms = torch.randn(rows, cols, generator=generator, dtype=torch.float64).norm(dim=1)
-    return (w * norms[:, None]).float()

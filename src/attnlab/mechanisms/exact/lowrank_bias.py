@@ -28,7 +28,7 @@ class LowRankBias(KVCacheDecode, Mechanism):
     by widening queries and keys, ``q'_i = [q_i · scale, u_i]`` and
     ``k'_j = [k_j, w_j]``, so that ``q'_i · k'_j = q_i · k_j · scale + b_ij``
     and any fast exact kernel (here torch SDPA, or the shared tiled kernel with
-    ``form="tiled"``) computes biased attention at the cost of D + R
+    ``backend="tiled"``) computes biased attention at the cost of D + R
     dimensions instead of an N x N bias read (Sec. 3-4, exact decomposition).
     A general bias is approximated by its truncated SVD (the paper's SVD
     decomposition): :meth:`from_bias`.
@@ -53,7 +53,7 @@ class LowRankBias(KVCacheDecode, Mechanism):
         decode=True,
         complexity="O(N²·(D+R))",
     )
-    forms: ClassVar[tuple[str, ...]] = ("sdpa", "tiled")
+    backends: ClassVar[tuple[str, ...]] = ("sdpa", "tiled")
     tiny_config: ClassVar[dict] = {
         "rank": 3,
         "max_len": 32,
@@ -68,7 +68,7 @@ class LowRankBias(KVCacheDecode, Mechanism):
         max_len: int = 4096  # positions with learned factors
         heads: int = 1  # 1: one bias shared by all heads; else Hq
         init_std: float = 0.0  # std of the initial bias entries
-        form: str = "sdpa"  # sdpa: torch's fused kernels; tiled: the shared tiled kernel
+        backend: str = "sdpa"  # sdpa: torch's fused kernels; tiled: the shared tiled kernel
         block_q: int = 512
         block_k: int = 1024
 
@@ -156,7 +156,7 @@ class LowRankBias(KVCacheDecode, Mechanism):
         hk = k.shape[1]
         q2 = torch.cat([q * scale, u.expand(b, hq, nq, -1)], dim=-1)
         k2 = torch.cat([k, w.expand(b, hk, nk, -1)], dim=-1)
-        if self.config.form == "sdpa":
+        if self.config.backend == "sdpa":
             return self._sdpa.forward(q2, k2, v, causal=causal, mask=mask, scale=1.0)
         return tiled_attention(
             q2,

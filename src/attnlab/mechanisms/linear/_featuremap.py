@@ -11,6 +11,7 @@ costs O(N²).
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -47,6 +48,18 @@ class SeededDraws:
             )
             self._cache = {full: make(gen)}
         return self._cache[full]
+
+
+def orthogonal_gaussian(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """[rows, cols] random features with orthogonal rows in blocks of ``cols``, each row's norm
+    drawn from the chi distribution of a Gaussian vector (Performer, arXiv:2009.14794, sec. 4)."""
+    g = torch.randn(math.ceil(rows / cols), cols, cols, generator=generator, dtype=torch.float64)
+    qmat, r = torch.linalg.qr(g)  # one orthogonal block per `cols` rows
+    qmat = qmat * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]
+    blocks = qmat.transpose(-1, -2)
+    w = blocks.reshape(-1, cols)[:rows]
+    norms = torch.randn(rows, cols, generator=generator, dtype=torch.float64).norm(dim=1)
+    return (w * norms[:, None]).float()
 
 
 class FeatureMapAttention(Mechanism):

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from attnlab.core import Mechanism, Spec, native, register
 from attnlab.core.checks import check_positive_int
 from attnlab.core.masks import repeat_kv
-from attnlab.core.scan import acc_dtype, block_plan, choose_chunk, orthogonal_gaussian
+from attnlab.core.scan import acc_dtype, block_plan, choose_chunk
 
-from ._featuremap import SeededDraws
+from ._featuremap import SeededDraws, orthogonal_gaussian
 
 
 def taylor_features(x: torch.Tensor) -> torch.Tensor:
@@ -52,12 +52,7 @@ def taylor_feature_rows(xt: torch.Tensor) -> torch.Tensor:
 
 # Chunks per block at most, and the block's size by the floats per token of its largest
 # temporaries (the query and key features and the values, 2F + Dv; the scan's budget of
-# floats). Measured 2026-11-22 (B1 H8 D64 float32 causal, C=64, medians of interleaved runs
-# in one process; the VM is noisy, SDPA 9.5 ms at N=1024 in the same runs): at N=1024 the
-# budget gives 2 (batch, head) rows a block; 1 row 14.6 ms, 2 rows 12.3-13.6, 4 rows 17.4, all 8
-# rows 23.7 (larger blocks leave the cache, every pass costs memory traffic); C=32 28.6,
-# C=64 23.0, C=128 36.0 (another run, SDPA 11.8). At N=16384 (one row a block) 22, 44 (the
-# budget) and 64 chunks a block: 258, 248, 235 ms, no significant difference.
+# floats): a block that leaves the cache pays memory traffic on every pass.
 BLOCK_CHUNKS = 64
 # The window bias of keys outside it (finite: see _block) and the smallest exponent taken.
 _FAR_BELOW = -1e30
@@ -65,9 +60,7 @@ _EXP_FLOOR = -80.0
 # Chunks summed by one triangular product in the state's prefix sums.
 PREFIX_CHUNKS = 16
 # Query chunk of the compiled kernel (csrc/based.c, attnlab.core.native.based) when the
-# config names none. Measured 2026-11-22 (B1 H8 D64 float32, window 64, d' 16, 2 threads,
-# medians of 9 interleaved calls): N=16384 C=32 79 ms, 48 77, 64 77, 96 79, 128 82;
-# N=1024 5.5, 5.6, 5.3, 5.7, 5.6 ms. 64 = the default window (one chunk of halo).
+# config names none: the default window, so that a chunk's halo is one chunk.
 NATIVE_CHUNK = 64
 
 

@@ -10,9 +10,9 @@ import torch
 
 from attnlab.core import Spec, register
 from attnlab.core.checks import check_positive_int
-from attnlab.core.scan import causal_scan, orthogonal_gaussian
+from attnlab.core.scan import causal_scan
 
-from ._featuremap import FeatureMapAttention, SeededDraws
+from ._featuremap import FeatureMapAttention, SeededDraws, orthogonal_gaussian
 
 
 @register

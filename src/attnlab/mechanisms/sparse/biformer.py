@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from attnlab.core import Mechanism, Spec, register
-from attnlab.core.blocks import PATHS, BlockLayout, block_sparse_attention, flex_unsupported
+from attnlab.core.blocks import BACKENDS, BlockLayout, block_sparse_attention, flex_unsupported
 from attnlab.core.checks import check_positive_int
 from attnlab.core.masks import repeat_kv
 
@@ -33,7 +33,7 @@ class BiFormer(Mechanism):
     classification, detection and segmentation), and routing reads every
     token of a query region, so ``causal=True`` is refused.
 
-    Paths (``form``) from the shared block-sparse engine: ``"torch"``
+    Paths (``backend``) from the shared block-sparse engine: ``"torch"``
     (gathered regions, trainable), ``"flex"`` (compiled FlexAttention,
     inference) and ``"auto"`` (its chooser).
     """
@@ -48,13 +48,13 @@ class BiFormer(Mechanism):
         complexity="O(N·k·R·D + (N/R)²·D)",
     )
     tiny_config: ClassVar[dict] = {"region": 4, "top_k": 2}
-    forms: ClassVar[tuple[str, ...]] = PATHS
+    backends: ClassVar[tuple[str, ...]] = BACKENDS
 
     @dataclass
     class Config:
         region: int = 64
         top_k: int = 4
-        form: str = "auto"
+        backend: str = "auto"
 
         def __post_init__(self):
             check_positive_int("region", self.region)
@@ -73,7 +73,7 @@ class BiFormer(Mechanism):
                 "bi-level routing has no causal form: a query region is routed by the mean of "
                 "all its queries and attends whole key regions (pass causal=False)"
             )
-        if self.config.form == "flex":
+        if self.config.backend == "flex":
             reasons += flex_unsupported(q, k, v)
         return reasons
 
@@ -91,7 +91,9 @@ class BiFormer(Mechanism):
     def forward(self, q, k, v, *, causal=False, mask=None, scale=None):
         layout = self.route(q, k)
         self._last = layout
-        out = block_sparse_attention(q, k, v, layout, scale=scale, mask=mask, path=self.config.form)
+        out = block_sparse_attention(
+            q, k, v, layout, scale=scale, mask=mask, path=self.config.backend
+        )
         return out.to(q.dtype)
 
     def limit(self, n):

@@ -9,11 +9,9 @@ from typing import ClassVar
 import torch
 
 from attnlab.core import Spec, register
-from attnlab.core.blocks import StaticBlockSparse
+from attnlab.core.blocks import StaticBlockSparse, check_backend
 from attnlab.core.checks import check_positive_int
 from attnlab.core.errors import AttnInputError
-
-from .window import check_form
 
 
 def block_table_candidates(table: torch.Tensor) -> torch.Tensor:
@@ -95,7 +93,7 @@ class BlockSparse(BlockTableSparse):
         random: int = 2
         seed: int = 0
         block: int = 128
-        form: str = "auto"
+        backend: str = "auto"
 
         def __post_init__(self):
             check_positive_int("local", self.local)
@@ -104,7 +102,7 @@ class BlockSparse(BlockTableSparse):
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                     raise AttnInputError(f"{name}: expected an integer >= 0, got {value!r}")
             check_positive_int("block", self.block)
-            check_form(self.form)
+            check_backend(self.backend)
 
     def table(self, nq: int, nk: int, causal: bool, heads: int) -> torch.Tensor:
         """Bool [H|1, Nq/block, Nk/block]: the key blocks each query block attends."""

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from attnlab.core import Spec, register
-from attnlab.core.blocks import StaticBlockSparse
+from attnlab.core.blocks import StaticBlockSparse, check_backend
 from attnlab.core.checks import check_positive_int
 
-from .window import band_candidates, check_form
+from .window import band_candidates
 
 
 @register
@@ -41,13 +41,13 @@ class Dilated(StaticBlockSparse):
         window: int = 256
         dilation: int = 2
         block: int = 128
-        form: str = "auto"
+        backend: str = "auto"
 
         def __post_init__(self):
             check_positive_int("window", self.window)
             check_positive_int("dilation", self.dilation)
             check_positive_int("block", self.block)
-            check_form(self.form)
+            check_backend(self.backend)
 
     def rule(self, nq, nk, causal, heads, device=None):
         w, dil, offset = self.config.window, self.config.dilation, nk - nq

@@ -10,11 +10,9 @@ from typing import ClassVar
 import torch
 
 from attnlab.core import Spec, register
-from attnlab.core.blocks import StaticBlockSparse, ranges_to_candidates
+from attnlab.core.blocks import StaticBlockSparse, check_backend, ranges_to_candidates
 from attnlab.core.checks import check_positive_int
 from attnlab.core.errors import AttnInputError
-
-from .window import check_form
 
 
 def _per_axis(name: str, value, dims: int, kind=int) -> tuple:
@@ -103,7 +101,6 @@ class Neighborhood(StaticBlockSparse):
         "dilation": (2, 1),
         "block": 4,
     }
-    forms: ClassVar[tuple[str, ...]] = ("auto", "torch", "flex")
 
     @dataclass
     class Config:
@@ -113,7 +110,7 @@ class Neighborhood(StaticBlockSparse):
         stride: int | tuple = 1
         axis_causal: bool | tuple = False
         block: int = 128
-        form: str = "auto"
+        backend: str = "auto"
 
         def __post_init__(self):
             shape = tuple(self.shape) if isinstance(self.shape, (tuple, list)) else (self.shape,)
@@ -137,7 +134,7 @@ class Neighborhood(StaticBlockSparse):
                         f"stride: expected at most the kernel size per axis, got {s} > {k}"
                     )
             check_positive_int("block", self.block)
-            check_form(self.form)
+            check_backend(self.backend)
 
     def grid(self, n: int) -> tuple[int, ...] | None:
         """The spatial shape for N tokens (the -1 axis inferred), or None if N does not fit."""

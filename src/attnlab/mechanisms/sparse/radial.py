@@ -9,10 +9,8 @@ from typing import ClassVar
 import torch
 
 from attnlab.core import AttnInputError, Spec, register
-from attnlab.core.blocks import StaticBlockSparse, ranges_to_candidates
+from attnlab.core.blocks import StaticBlockSparse, check_backend, ranges_to_candidates
 from attnlab.core.checks import check_positive_int
-
-from .window import check_form
 
 
 @register
@@ -62,14 +60,14 @@ class Radial(StaticBlockSparse):
         frame: int = 1024
         block: int = 128
         sink: bool = False
-        form: str = "auto"
+        backend: str = "auto"
 
         def __post_init__(self):
             check_positive_int("frame", self.frame)
             check_positive_int("block", self.block)
             if not isinstance(self.sink, bool):
                 raise AttnInputError(f"sink: expected True or False, got {self.sink!r}")
-            check_form(self.form)
+            check_backend(self.backend)
 
     def rule(self, nq, nk, causal, heads, device=None):
         s, offset, sink = self.config.frame, nk - nq, self.config.sink

@@ -9,10 +9,10 @@ from typing import ClassVar
 import torch
 
 from attnlab.core import Spec, register
+from attnlab.core.blocks import check_backend
 from attnlab.core.checks import check_positive_int
 
 from .blocksparse import BlockTableSparse
-from .window import check_form
 
 
 @register
@@ -45,13 +45,13 @@ class Strided(BlockTableSparse):
         local: int = 2
         stride: int = 8
         block: int = 128
-        form: str = "auto"
+        backend: str = "auto"
 
         def __post_init__(self):
             check_positive_int("local", self.local)
             check_positive_int("stride", self.stride)
             check_positive_int("block", self.block)
-            check_form(self.form)
+            check_backend(self.backend)
 
     def table(self, nq: int, nk: int, causal: bool, heads: int) -> torch.Tensor:
         """Bool [H, Nq/block, Nk/block]: the key blocks of each head's shard and local band."""

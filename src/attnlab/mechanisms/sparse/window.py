@@ -9,15 +9,8 @@ from typing import ClassVar
 import torch
 
 from attnlab.core import Spec, register
-from attnlab.core.blocks import StaticBlockSparse, ranges_to_candidates
+from attnlab.core.blocks import StaticBlockSparse, check_backend, ranges_to_candidates
 from attnlab.core.checks import check_positive_int
-from attnlab.core.errors import AttnInputError
-
-
-def check_form(form: object) -> None:
-    """``form`` must name a path of the block-sparse engine."""
-    if form not in ("auto", "torch", "flex"):
-        raise AttnInputError(f"form: expected one of auto, torch, flex, got {form!r}")
 
 
 def band_candidates(nq: int, nk: int, block: int, back: int, ahead: int) -> torch.Tensor:
@@ -62,12 +55,12 @@ class Window(StaticBlockSparse):
     class Config:
         window: int = 256
         block: int = 128
-        form: str = "auto"
+        backend: str = "auto"
 
         def __post_init__(self):
             check_positive_int("window", self.window)
             check_positive_int("block", self.block)
-            check_form(self.form)
+            check_backend(self.backend)
 
     def rule(self, nq, nk, causal, heads, device=None):
         w, offset = self.config.window, nk - nq
