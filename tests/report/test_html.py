@@ -327,3 +327,16 @@ def test_render_escapes_every_text_field(tmp_path):
     # title, h1, intro, fact label and value, toc entry, h2, paragraph, finding title,
     # text and head, token, figure alt and caption, table caption, header, two cells
     assert text.count("&lt;script&gt;") == 18
+
+
+def test_chosen_heads_draw_a_head_chosen_twice_once_with_both_reasons(tmp_path):
+    from attnlab.report.analyze import _chosen_heads
+
+    _, rows, *_ = synthetic_run(tmp_path, bench=False)
+    for r in rows:  # make the retrieval head the induction head too
+        if r["metric"] == "retrieval_score":
+            r["value"] = 0.9 if (r["layer"], r["head"]) == (0, 2) else 0.0
+    chosen = _chosen_heads(rows)
+    assert ((0, 0), "strongest first-token sink, 0.72", "input") in chosen
+    induction = [why for head, why, on in chosen if head == (0, 2) and on == "repeated"]
+    assert induction == ["best induction head, 1.00; best retrieval head, 0.90"]
