@@ -24,7 +24,7 @@ from attnlab.analysis.maps import HeadMaps
 from attnlab.report import html as page
 from attnlab.report import plots
 from attnlab.report.page import write_report
-from attnlab.report.tokens import token_texts
+from attnlab.report.tokens import token_texts, visible
 from tests.analysis.synthetic import causal_uniform, shifted_diagonal, to_position
 
 EVIL = "<script>alert('x')</script>"
@@ -121,7 +121,14 @@ def synthetic_run(tmp_path, bench: bool = True):
     }  # fmt: skip
     if bench:
         records = [
-            {"mechanism": m, "n": n, "causal": True, "ms": 1.5 * n / 1024, "ms_repeats": [1.0]}
+            {
+                "mechanism": m,
+                "n": n,
+                "causal": True,
+                "ms": 1.5 * n / 1024,
+                "ms_repeats": [1.0],
+                "skipped": None,
+            }
             for m in ("softmax", "chunked")
             for n in (1024, 4096)
         ]
@@ -243,6 +250,7 @@ def test_token_texts_decode_pieces_instead_of_showing_them():
             return "".join(tokens).replace("Ġ", " ").replace("Ċ", "\n")
 
     assert token_texts(ByteLevel(), [0, 1, 2, 3]) == ["PR", "IDE", " AND", "\n"]
+    assert [visible(t) for t in (" AND", "\n\n", " ", "  ")] == [" AND", "↵↵", "␣", "␣␣"]
 
     class DecodeOnly:
         def decode(self, ids):
@@ -265,7 +273,7 @@ def test_benchmarks_next_to_the_page_are_shown_with_shared_columns_in_the_captio
     text = write_report(*synthetic_run(tmp_path)).read_text(encoding="utf-8")
     bench = text[text.index('id="benchmarks-in-this-folder"') :]
     bench = bench[: bench.index("</section>")]
-    assert "bench-speed.json: causal True" in bench
+    assert "bench-speed.json: causal True</p>" in bench  # no column of Nones
     assert "<th>mechanism</th><th>n</th><th>ms</th>" in bench
     assert bench.count("<tr>") == 1 + 4 and "chunked" in bench and "5.859" not in bench
     assert '<td class="num">6</td>' in bench  # 1.5 * 4096 / 1024

@@ -125,7 +125,7 @@ def _sinks_section(rows, words: Sequence[str], out: Path) -> Section | None:
     sinks = [r for r in rows if r["analysis"] == "sinks" and r["metric"] == "sink"]
     if not sinks:
         return None
-    s = Section("Attention sinks")
+    s = Section("Attention sinks", wide=True)
     s.paragraphs.append(
         "Per layer, the key positions that draw the most attention: α is the mean weight "
         "the queries that can see a key put on it, averaged over heads (the first 4 queries "
@@ -323,7 +323,9 @@ def bench_tables(folder: Path) -> list[Table]:
             continue
         keys = [k for k in records[0] if not isinstance(records[0][k], list | dict)]
         varying = [k for k in keys if len({json.dumps(r.get(k)) for r in records}) > 1]
-        shared = [f"{k} {records[0][k]}" for k in keys if k not in varying]
+        shared = [
+            f"{k} {records[0][k]}" for k in keys if k not in varying and records[0][k] is not None
+        ]
         caption = path.name + (": " + ", ".join(shared) if shared else "")
         tables.append(
             Table(caption, varying, [[r.get(k) for k in varying] for r in records], folded=False)

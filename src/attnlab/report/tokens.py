@@ -28,8 +28,12 @@ def token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 def visible(text: str) -> str:
-    """``text`` with newlines, carriage returns and tabs drawn as ↵ ␍ ⇥ (one line)."""
-    return str(text).translate(_MARKS)
+    """``text`` with newlines, carriage returns and tabs drawn as ↵ ␍ ⇥ (one line), and a
+    token of spaces only drawn as ␣ per space."""
+    text = str(text)
+    if text and not text.strip(" "):
+        return "␣" * len(text)
+    return text.translate(_MARKS)
 
 
 def axis_label(text: str, width: int = 12) -> str:
