@@ -348,3 +348,21 @@ def test_chosen_heads_draw_a_head_chosen_twice_once_with_both_reasons(tmp_path):
     assert ((0, 0), "strongest first-token sink, 0.72", "input") in chosen
     induction = [why for head, why, on in chosen if head == (0, 2) and on == "repeated"]
     assert induction == ["best induction head, 1.00; best retrieval head, 0.90"]
+
+
+def test_bench_tables_read_envelopes_and_name_unreadable_files(tmp_path):
+    from attnlab.report.page import bench_tables
+
+    rows = [{"mechanism": m, "n": 1024, "ms": ms} for m, ms in (("a", 2.0), ("b", 3.0))]
+    envelope = {"schema": 1, "command": "attnlab bench scaling", "rows": rows}
+    (tmp_path / "bench-scaling.json").write_text(json.dumps(envelope))
+    (tmp_path / "bench-broken.json").write_text("{not json")
+    (tmp_path / "other.json").write_text("[]")
+    broken, scaling = bench_tables(tmp_path)
+    assert broken.caption.startswith("bench-broken.json: not readable as JSON")
+    assert not broken.header and not broken.rows
+    assert scaling.caption == (
+        "bench-scaling.json: schema 1, command attnlab bench scaling, n 1024"
+    )
+    assert list(scaling.header) == ["mechanism", "ms"]
+    assert scaling.rows == [["a", 2.0], ["b", 3.0]]

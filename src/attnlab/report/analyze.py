@@ -79,10 +79,12 @@ def analyze(
     with attnlab) or, with ``needle=True``, a needle-in-a-haystack prompt with
     ``tokens`` tokens of context. ``patterns`` runs on a repeated random
     sequence, ``rollout``/``flow`` on the first tokens of the input,
-    ``retrieval`` on ``trials`` generated needles, ``importance`` by
-    ``importance``: ``"gradient"`` (Michel et al.'s first-order proxy) or
+    ``retrieval`` (Wu et al., arXiv:2404.15574) on ``trials`` needles hidden in the
+    same text and as many tokens as the input, ``importance`` (Michel et al.,
+    arXiv:1905.10650) by ``importance``: ``"gradient"`` (the first-order proxy) or
     ``"mask"`` (each head masked in turn, the change in loss). Returns the
-    summary written as ``results.json``'s ``meta``.
+    summary written as ``results.json``'s ``meta``, which also names the
+    environment (versions, compiled kernels).
     """
     from attnlab.models import capture, load
 

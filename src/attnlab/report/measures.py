@@ -99,7 +99,7 @@ HEATMAPS = (
         "Head importance",
         "change in loss (nats)",
         _CELL + "How much the next-token loss grows when the head is removed (masked, or "
-        "its first-order estimate; the method is under Run). Bright: the model needs "
-        "this head (Michel et al., arXiv:1905.10650).",
+        "its first-order estimate; the method is named at the top of the page). Bright: "
+        "the model needs this head (Michel et al., arXiv:1905.10650).",
     ),
 )

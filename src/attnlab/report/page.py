@@ -312,18 +312,26 @@ def _maps_section(head_maps: dict[str, Any], out: Path) -> Section | None:
 
 
 def bench_tables(folder: Path) -> list[Table]:
-    """A table per ``bench-*.json`` in ``folder`` (a list of records, or an object with
-    ``rows``): columns that vary, with the values shared by every row in the caption."""
+    """A table per ``bench-*.json`` in ``folder`` (a list of records, or an envelope object
+    with ``rows``): the columns that vary; the envelope's fields and the values shared by
+    every row go in the caption."""
     tables = []
     for path in sorted(Path(folder).glob("bench-*.json")):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        records = data.get("rows", []) if isinstance(data, dict) else data
-        records = [r for r in records if isinstance(r, dict)]
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:  # a file that is not a bench record is named, not fatal
+            tables.append(Table(f"{path.name}: not readable as JSON ({exc})", [], []))
+            continue
+        envelope = data if isinstance(data, dict) else {}
+        records = [
+            r for r in (envelope.get("rows", []) if envelope else data) if isinstance(r, dict)
+        ]
         if not records:
             continue
         keys = [k for k in records[0] if not isinstance(records[0][k], list | dict)]
         varying = [k for k in keys if len({json.dumps(r.get(k)) for r in records}) > 1]
-        shared = [
+        shared = [f"{k} {v}" for k, v in envelope.items() if isinstance(v, str | int | float)]
+        shared += [
             f"{k} {records[0][k]}" for k in keys if k not in varying and records[0][k] is not None
         ]
         caption = path.name + (": " + ", ".join(shared) if shared else "")
