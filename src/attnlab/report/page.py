@@ -68,7 +68,10 @@ def findings(rows, meta: dict[str, Any], words: Sequence[str]) -> list[Finding]:
                 secondary.setdefault(r["position"], []).append(r["layer"])
         text = f"the first token is the most-attended key in {first} of {len(dominant)} layers"
         if rate:
-            text += f"; {rate[0]['value']:.0%} of heads put more than 0.3 of their attention on it"
+            eps = rate[0].get("epsilon", 0.3)
+            text += (
+                f"; {rate[0]['value']:.0%} of heads put more than {eps} of their attention on it"
+            )
         text += "; secondary sinks: " + (
             "; ".join(
                 f"‘{visible(_token(words, {'position': p}).text)}’ at position {p} "
