@@ -1,84 +1,143 @@
-"""One self-contained HTML page: text, tables and images inlined as base64."""
+"""One self-contained HTML page from a jinja2 template (autoescaped), PNGs inlined as base64.
+
+The page's parts are plain records (:class:`Section`, :class:`Table`, :class:`Figure`,
+:class:`Finding`); the layout lives in ``templates/report.html.j2``. Every text
+given is escaped by jinja2's autoescape; the only markup that reaches the page
+is the template's own. Nothing on the page is fetched: images are data URIs,
+the style is inline, there is no script.
+"""
 
 from __future__ import annotations
 
 import base64
-import html
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;
-padding:0 1em;color:#222}
-h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;
-margin-top:2em}
-table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
-td,th{border:1px solid #ddd;padding:2px 6px;text-align:left}th{background:#f4f4f4}
-img{max-width:100%;border:1px solid #eee;margin:.3em 0}
-.note{color:#555;font-size:.9em}code{background:#f4f4f4;padding:0 3px}
-.tok{font-family:monospace;background:#f7f2e8;padding:0 2px}
-"""
+import jinja2
+
+from .tokens import visible
+
+# tables longer than this are folded into <details> (open on a click)
+FOLD_ROWS = 12
+
+
+@dataclass(frozen=True)
+class Token:
+    """A table cell that holds token text (shown in a box, whitespace kept)."""
+
+    text: str
+
+
+@dataclass
+class Table:
+    """A captioned table; ``folded`` None folds it when it has more than ``FOLD_ROWS`` rows."""
+
+    caption: str
+    header: Sequence[str]
+    rows: Sequence[Sequence[Any]]
+    folded: bool | None = None
+
+    @property
+    def fold(self) -> bool:
+        return len(self.rows) > FOLD_ROWS if self.folded is None else self.folded
+
+
+@dataclass
+class Figure:
+    """A PNG, its title (the image's alt text) and a caption that says how to read it."""
+
+    path: Path
+    caption: str
+    alt: str
+
+    @property
+    def src(self) -> str:
+        """The PNG as a ``data:`` URI (the page needs no file next to it)."""
+        data = base64.b64encode(Path(self.path).read_bytes()).decode("ascii")
+        return f"data:image/png;base64,{data}"
+
+
+@dataclass
+class Finding:
+    """One line of the summary: what was found, the heads that show it with their scores,
+    and the section that has the details."""
+
+    title: str
+    text: str
+    heads: Sequence[tuple[str, float]] = ()
+    anchor: str = ""
 
 
 @dataclass
 class Section:
-    """A heading followed by paragraphs, tables and images (all escaped or inlined)."""
+    """A heading followed by paragraphs, a token strip, findings, figures and tables.
+
+    ``wide`` lays the figures out two to a row instead of three (attention maps).
+    """
 
     title: str
     paragraphs: list[str] = field(default_factory=list)
-    tables: list[tuple[str, list[str], list[list[Any]]]] = field(default_factory=list)
-    images: list[tuple[str, Path]] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    wide: bool = False
+
+    @property
+    def anchor(self) -> str:
+        return anchor(self.title)
 
 
-def esc(value: Any) -> str:
-    """HTML-escaped text of any value (floats to 4 significant digits)."""
+def anchor(title: str) -> str:
+    """The fragment id of a section title (lowercase words joined by ``-``)."""
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") or "section"
+
+
+def cell(value: Any) -> str:
+    """A table cell's text: floats to 4 significant digits, None empty."""
     if isinstance(value, float):
-        return html.escape(f"{value:.4g}")
-    return html.escape("" if value is None else str(value), quote=True)
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
 
 
-def image_tag(path: str | Path, alt: str = "") -> str:
-    """An ``<img>`` whose PNG is inlined as a base64 data URI (no file needed to view it)."""
-    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
+_ENV = jinja2.Environment(
+    loader=jinja2.PackageLoader("attnlab.report", "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+_ENV.filters["cell"] = cell
+_ENV.filters["score"] = lambda value: f"{value:.3g}"
+_ENV.filters["visible"] = visible
+_ENV.tests["token"] = lambda value: isinstance(value, Token)
 
 
-def table_html(caption: str, header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in body)
-    cap = f"<caption>{esc(caption)}</caption>" if caption else ""
-    return f"<table>{cap}<tr>{head}</tr>{rows}</table>"
-
-
-def render(title: str, sections: Sequence[Section], intro: Sequence[str] = ()) -> str:
-    """The page as a string. Every piece of text given is escaped; images are inlined."""
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>",
-        f"<h1>{esc(title)}</h1>",
-    ]
-    parts += [f'<p class="note">{esc(p)}</p>' for p in intro]
-    for s in sections:
-        parts.append(f"<h2>{esc(s.title)}</h2>")
-        parts += [f"<p>{esc(p)}</p>" for p in s.paragraphs]
-        parts += [table_html(*t) for t in s.tables]
-        for alt, path in s.images:
-            parts.append(
-                f"<figure>{image_tag(path, alt)}<figcaption class='note'>{esc(alt)}"
-                "</figcaption></figure>"
-            )
-    parts.append("</body></html>")
-    return "\n".join(parts)
+def render(
+    title: str,
+    sections: Sequence[Section],
+    intro: Sequence[str] = (),
+    facts: Sequence[tuple[str, Any]] = (),
+) -> str:
+    """The page as a string: ``title``, ``intro`` paragraphs, ``facts`` (label, value) of the
+    run, a table of contents, then ``sections``. Every text is escaped."""
+    return _ENV.get_template("report.html.j2").render(
+        title=title, intro=list(intro), facts=list(facts), sections=list(sections)
+    )
 
 
 def write(
-    path: str | Path, title: str, sections: Sequence[Section], intro: Sequence[str] = ()
+    path: str | Path,
+    title: str,
+    sections: Sequence[Section],
+    intro: Sequence[str] = (),
+    facts: Sequence[tuple[str, Any]] = (),
 ) -> Path:
     """Write :func:`render`'s page to ``path`` (UTF-8)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(title, sections, intro), encoding="utf-8")
+    path.write_text(render(title, sections, intro, facts), encoding="utf-8")
     return path

@@ -11,6 +11,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
+from mpl_toolkits.axes_grid1 import make_axes_locatable
+
+from .tokens import axis_label
 
 
 def grid(rows: Sequence[dict[str, Any]], metric: str, analysis: str | None = None) -> np.ndarray:
@@ -44,62 +48,90 @@ def heatmap(
     *,
     analysis: str | None = None,
     title: str | None = None,
+    unit: str = "",
 ) -> Path | None:
-    """Layer x head heatmap of one per-head metric; None when there is nothing to plot."""
+    """:func:`heatmap_figure` saved as a PNG at ``path``; None when there is nothing to plot."""
+    fig = heatmap_figure(rows, metric, analysis=analysis, title=title, unit=unit)
+    return None if fig is None else _save(fig, path)
+
+
+def heatmap_figure(
+    rows: Sequence[dict[str, Any]],
+    metric: str,
+    *,
+    analysis: str | None = None,
+    title: str | None = None,
+    unit: str = "",
+):
+    """Layer x head heatmap of one per-head metric, with a colorbar as tall as the grid
+    labelled ``unit``; None when there is nothing to plot."""
     g = grid(rows, metric, analysis)
     if g.size == 0:
         return None
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * g.shape[1], 1.0 + 0.22 * g.shape[0]))
+    fig, ax = plt.subplots(figsize=(1.9 + 0.24 * g.shape[1], 1.3 + 0.13 * g.shape[0]))
     im = ax.imshow(g, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_xticks(range(g.shape[1]))
     step = max(1, g.shape[0] // 15)
     ax.set_yticks(range(0, g.shape[0], step))
-    ax.set_title(title or metric, fontsize=10)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    return _save(fig, path)
+    ax.set_title(title or metric, fontsize=9)
+    _colorbar(fig, ax, im, unit)
+    return fig
 
 
-def attention_map(
+def attention_map(matrix, tokens: Sequence[str], path: str | Path, **options) -> Path:
+    """:func:`attention_map_figure` saved as a PNG at ``path``."""
+    return _save(attention_map_figure(matrix, tokens, **options), path)
+
+
+def attention_map_figure(
     matrix,
     tokens: Sequence[str],
-    path: str | Path,
     *,
     title: str = "",
-    xlabel: str = "key",
-    ylabel: str = "query",
+    xlabel: str = "key token",
+    ylabel: str = "query token",
+    unit: str = "attention weight",
     label_limit: int = 48,
-) -> Path:
-    """One attention-like matrix [queries, keys] with token labels when it is small."""
+):
+    """One attention-like matrix [queries, keys] with a labelled colorbar, each axis
+    labelled with the decoded ``tokens`` when it has at most ``label_limit`` of them."""
     m = np.asarray(matrix, dtype=float)
-    size = min(9.0, 2.0 + 0.13 * m.shape[1])
-    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    size = min(7.0, 2.6 + 0.11 * m.shape[1])
+    fig, ax = plt.subplots(figsize=(size + 0.9, size))
     im = ax.imshow(m, cmap="magma", interpolation="nearest", aspect="auto")
+    fontsize = 7 if max(m.shape) <= 32 else 6
     if m.shape[1] <= label_limit and len(tokens) >= m.shape[1]:
         ax.set_xticks(range(m.shape[1]))
-        ax.set_xticklabels([_label(t) for t in tokens[: m.shape[1]]], rotation=90, fontsize=6)
+        ax.set_xticklabels(
+            [axis_label(t) for t in tokens[: m.shape[1]]], rotation=90, fontsize=fontsize
+        )
     if m.shape[0] <= label_limit and len(tokens) >= m.shape[0]:
         ax.set_yticks(range(m.shape[0]))
-        ax.set_yticklabels([_label(t) for t in tokens[: m.shape[0]]], fontsize=6)
+        ax.set_yticklabels([axis_label(t) for t in tokens[: m.shape[0]]], fontsize=fontsize)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    return _save(fig, path)
+    ax.set_title(title, fontsize=9)
+    _colorbar(fig, ax, im, unit)
+    return fig
 
 
-def sink_positions(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
+def sink_positions(
+    rows: Sequence[dict[str, Any]], path: str | Path, tokens: Sequence[str] = ()
+) -> Path | None:
     """Per layer, the key positions that draw the most attention (``sinks`` rows).
 
     Marker area follows the head-mean attention received; the first token and
-    secondary sinks get different colours; positions that no head sinks into
-    (``is_sink`` false) are drawn hollow.
+    secondary sinks get different colours; positions that are not sinks
+    (``is_sink`` false: less than ``ratio_min`` times their uniform share) are drawn
+    hollow. Secondary sinks are labelled with their decoded token from ``tokens``
+    (by position), else with the row's own token.
     """
     sel = [r for r in rows if r["analysis"] == "sinks" and r["metric"] == "sink"]
     if not sel:
         return None
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for kind, colour in (("first", "tab:red"), ("secondary", "tab:blue")):
         for filled in (True, False):
             pts = [r for r in sel if r["kind"] == kind and bool(r["is_sink"]) == filled]
@@ -111,13 +143,14 @@ def sink_positions(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | N
                 s=[20 + 400 * max(0.0, r["value"]) for r in pts],
                 facecolors=colour if filled else "none",
                 edgecolors=colour,
-                label=f"{kind}{'' if filled else ' (no head > ε)'}",
+                label=f"{kind} token" if filled else f"{kind} (not a sink)",
                 alpha=0.7,
             )
     for r in sel:
         if r["kind"] == "secondary" and r["is_sink"]:
+            pos = r["position"]
             ax.annotate(
-                _label(r.get("token") or ""),
+                axis_label(tokens[pos] if pos < len(tokens) else r.get("token") or ""),
                 (r["position"], r["layer"]),
                 fontsize=6,
                 xytext=(3, 3),
@@ -125,21 +158,24 @@ def sink_positions(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | N
             )
     ax.set_xlabel("key position")
     ax.set_ylabel("layer")
-    ax.set_title(
-        "Top attended positions per layer (marker area = mean attention received)", fontsize=9
-    )
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("Most-attended key positions per layer", fontsize=9)
     ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
 
 
-def _label(token: str) -> str:
-    return token.replace("Ġ", "␣").replace("Ċ", "⏎")[:12]
+def _colorbar(fig, ax, image, unit: str) -> None:
+    """A colorbar as tall as the axes, right of it, labelled with the unit."""
+    cax = make_axes_locatable(ax).append_axes("right", size="5%", pad=0.08)
+    bar = fig.colorbar(image, cax=cax)
+    bar.set_label(unit, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
 
 
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
