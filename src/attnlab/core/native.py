@@ -56,6 +56,7 @@ ISA_FLAGS = {
 # attnlab_cpu_level's answer (csrc/library.c) -> the variant it means
 _CPU_LEVELS = {4: "avx512", 3: "avx2"}
 ISA_ENV = "ATTNLAB_NATIVE_ISA"
+CPUINFO = Path("/proc/cpuinfo")
 
 # feature maps the scan kernel computes itself (csrc/scan.c)
 SCAN_FEATURES = {"identity": 0, "elu1": 1, "silu": 2}
@@ -137,7 +138,7 @@ def cpu_flags() -> frozenset[str] | None:
     Arm); elsewhere those of the level a built library's ``attnlab_cpu_level`` reports
     (asked in code compiled for plain x86-64); None where neither tells."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = CPUINFO.read_text()
     except OSError:
         text = ""
     for line in text.splitlines():
@@ -450,7 +451,7 @@ def causal_scan(
         raise AttnInputError(
             f"feature: expected one of {', '.join(SCAN_FEATURES)}, got {feature!r}"
         )
-    ints = (
+    args = (
         _check_int("q: B*H", b * h, 1),
         _check_int("q: G", g, 1),
         _check_int("q: N", n),
@@ -462,7 +463,7 @@ def causal_scan(
     )
     out = torch.empty(b, h, g, n, dv, dtype=torch.float32)
     code = _kernels().attnlab_causal_scan(
-        _ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(s), _ptr(z), _ptr(log_decay), *ints
+        _ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(s), _ptr(z), _ptr(log_decay), *args
     )
     _check(code, "attnlab_causal_scan")
     return out, s, z
@@ -505,7 +506,7 @@ def moba(
     if hkv == 0 or hq % hkv:
         raise AttnInputError(f"k: expected a number of heads Hkv that divides Hq={hq}, got {hkv}")
     _check_multiple_of_16("v: Dv", dv)
-    ints = (
+    args = (
         _check_int("q: B*Hq", b * hq, 1),
         _check_int("q: Hq", hq, 1),
         _check_int("k: Hkv", hkv, 1),
@@ -516,11 +517,11 @@ def moba(
         _check_int("block", block, 1),
         _check_int("top_k", top_k, 1),
         int(bool(causal)),
+        _check_scale(scale),
+        _threads(threads),
     )
     out = torch.empty(b, hq, nq, dv, dtype=torch.float32)
-    code = _kernels().attnlab_moba(
-        _ptr(q), _ptr(k), _ptr(v), _ptr(out), *ints, _check_scale(scale), _threads(threads)
-    )
+    code = _kernels().attnlab_moba(_ptr(q), _ptr(k), _ptr(v), _ptr(out), *args)
     _check(code, "attnlab_moba")
     return out
 
@@ -568,7 +569,7 @@ def based(
     _check_dims("proj", proj, "[D, d']", (d, None))
     if _check_int("chunk", chunk, 16, _MAX_CHUNK) % 16:
         raise AttnInputError(f"chunk: expected a multiple of 16 in [16, 256], got {chunk!r}")
-    ints = (
+    args = (
         _check_int("k: B*Hkv", b * hkv, 1),
         _check_int("q: Hq/Hkv", hq // hkv, 1),
         _check_int("q: N", n),
@@ -577,10 +578,10 @@ def based(
         _check_int("proj: d'", proj.shape[1], 1, d),
         _check_int("window", window, 1),
         chunk,
+        _check_scale(scale),
+        _threads(None),
     )
     out = torch.empty(b, hq, n, dv, dtype=torch.float32)
-    code = _kernels().attnlab_based(
-        _ptr(q), _ptr(k), _ptr(v), _ptr(proj), _ptr(out), *ints, _check_scale(scale), _threads(None)
-    )
+    code = _kernels().attnlab_based(_ptr(q), _ptr(k), _ptr(v), _ptr(proj), _ptr(out), *args)
     _check(code, "attnlab_based")
     return out
