@@ -145,7 +145,7 @@ def cpu_flags() -> frozenset[str] | None:
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
             return frozenset(value.split())
-    for isa in built_variants():
+    for isa in reversed(built_variants()):  # the most portable build first
         lib = open_library(library_path(isa))
         if lib is not None:
             return ISA_FLAGS.get(_CPU_LEVELS.get(lib.attnlab_cpu_level(), "generic"))
