@@ -265,7 +265,8 @@ def describe() -> dict:
     """What runs: ``built`` (any compiled library present), ``enabled`` (the kernels are
     loaded and switched on), ``isa`` (the variant that runs, None: the PyTorch paths),
     ``variants`` (the built variants this processor runs, best first) and ``abi``
-    (:data:`ABI_VERSION`). For benchmark records and ``attnlab list``."""
+    (:data:`ABI_VERSION`). For benchmark records and ``attnlab list``. AttnInputError where
+    ATTNLAB_NATIVE_ISA names a variant that is unknown, not built or cannot run here."""
     active = _load()
     on = _enabled and active.library is not None
     return {
