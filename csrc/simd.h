@@ -1,7 +1,8 @@
 /* Shared building blocks of attnlab's compiled CPU kernels.
  *
- * 16-float vectors through GCC's vector extensions (one AVX-512 register, or two
- * AVX2 ones, depending on what -march=native finds), a vectorised exp, and small
+ * 16-float vectors through GCC's vector extensions (one AVX-512 register in the avx512
+ * build, two AVX2 ones in the avx2 baseline, plain SIMD or scalar code in the generic one:
+ * the Makefile's NATIVE_ISA_* flags), a vectorised exp, and small
  * row-major matrix products C (+)= A B whose column count is a multiple of 16,
  * computed in register tiles of 4 rows x up to 64 columns. Everything is float32.
  */
