@@ -56,7 +56,7 @@ def test_bench_speed_writes_json(tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    records = json.loads(out.read_text())
+    records = json.loads(out.read_text())["rows"]
     assert {r["mechanism"] for r in records} == {"sdpa", "softmax", "chunked"}
     assert all(r["config"] == {"query_chunk": 8} for r in records if r["mechanism"] == "chunked")
 

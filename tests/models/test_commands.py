@@ -49,7 +49,9 @@ def test_eval_ppl_command(tmp_path):
             "--mechanism",
             "online,window",
             "--config",
-            "block_q=16",
+            "online:block_q=16",
+            "--config",
+            "window:window=16",
             "--tokens",
             "64",
             "--out",
@@ -59,7 +61,8 @@ def test_eval_ppl_command(tmp_path):
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())["rows"]
     assert rows[1]["mechanism"] == "online" and abs(rows[1]["ratio"] - 1) < 1e-4
-    assert rows[2]["error"] and "block_q" in rows[2]["error"]  # window has no such option
+    assert rows[1]["config"] == {"block_q": 16} and rows[2]["config"] == {"window": 16}
+    assert rows[2]["error"] is None and rows[2]["ratio"] > 1  # a 16-token window loses context
     bad = runner.invoke(app, ["eval", "ppl", "--mechanism", "nosuch", "--tokens", "8"])
     assert bad.exit_code == 2 and "unknown name" in bad.output
 
@@ -91,6 +94,6 @@ def test_bench_capture_command(tmp_path):
     out = tmp_path / "cap.json"
     result = runner.invoke(app, ["bench", "capture", "--tokens", "128", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    r = json.loads(out.read_text())
-    assert r["tokens"] == 128 and r["rows"] == 270 and r["capture_peak_mb"] > 0
+    r = json.loads(out.read_text())["rows"][0]
+    assert r["tokens"] == 128 and r["probe_rows"] == 270 and r["capture_peak_mb"] > 0
     assert "time ratio" in result.output
