@@ -14,7 +14,7 @@ import attnlab
 from . import analyze, bench, mechanisms, models
 from .common import new_app
 
-app = new_app("attnlab: the laboratory of the attention literature.")
+app = new_app("attnlab: the laboratory of the attention literature.", name="attnlab")
 
 
 def _version(value: bool) -> None:

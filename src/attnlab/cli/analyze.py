@@ -18,7 +18,7 @@ from .common import command, console
 
 IMPORTANCE = ("gradient", "mask")
 # positions the needle prompt adds around its context: the needle sentence, the
-# question and the chat template (SmolLM2's adds about 40)
+# question and the chat template (55 with SmolLM2's)
 NEEDLE_PROMPT_TOKENS = 64
 # context of the retrieval analysis's needles when --tokens asks for fewer
 RETRIEVAL_MIN_TOKENS = 700

@@ -55,7 +55,7 @@ class Group(TyperGroup):
     prints usage errors (a bad option value, an unknown command) as one line, exit 2."""
 
     def make_context(self, info_name, args, parent=None, **extra):
-        argv = [info_name or "attnlab", *args]
+        argv = ["attnlab", *args]
         ctx = super().make_context(info_name, args, parent=parent, **extra)
         if parent is None:
             ctx.meta[_ARGV] = argv
@@ -81,10 +81,8 @@ class Group(TyperGroup):
             sys.exit(exc.exit_code)
         except UsageError as exc:
             where = exc.ctx.command_path if exc.ctx is not None else "attnlab"
-            typer.echo(
-                f"{where}: error: {_one_line(exc.format_message())} See `{where} --help`.",
-                err=True,
-            )
+            message = _one_line(exc.format_message()).rstrip(".")
+            typer.echo(f"{where}: error: {message}. See `{where} --help`.", err=True)
             sys.exit(exc.exit_code)
         except ClickException as exc:
             typer.echo(f"attnlab: error: {_one_line(exc.format_message())}", err=True)
@@ -105,9 +103,11 @@ def suggest(name: str, choices) -> str:
     return f"; did you mean {match}?"
 
 
-def new_app(help: str) -> typer.Typer:
-    """A command group of ``attnlab``."""
-    return typer.Typer(cls=Group, help=help, no_args_is_help=True, pretty_exceptions_enable=False)
+def new_app(help: str, name: str | None = None) -> typer.Typer:
+    """A command group of ``attnlab`` (``name``: for the root, its program name)."""
+    return typer.Typer(
+        cls=Group, name=name, help=help, no_args_is_help=True, pretty_exceptions_enable=False
+    )
 
 
 def command(fn: Callable[..., Any]) -> Callable[..., Any]:
