@@ -278,3 +278,23 @@ def test_tokens_beyond_the_model_context_are_refused_before_loading(no_model_loa
     one_line_error(result, "--tokens", "smollm2 reads at most 8192 positions", "8192 or less")
     result = runner.invoke(app, ["analyze", "--needle", "--tokens", "8192"])
     one_line_error(result, "prompt around the text", "--tokens 8128")
+
+
+def test_analyze_answers_an_error_found_while_it_runs_in_one_line(monkeypatch):
+    """`analyze` never caught AttnInputError: a bad input found after loading (here: as
+    the analysis runs) was a traceback."""
+    import attnlab.report.analyze
+
+    def refuse(*args, **kwargs):
+        raise attnlab.AttnInputError("text: tokenises to nothing")
+
+    monkeypatch.setattr(attnlab.report.analyze, "analyze", refuse)
+    result = runner.invoke(app, ["analyze", "--model", "minilm", "--tokens", "32"])
+    one_line_error(result, "attnlab analyze: error: text: tokenises to nothing")
+
+
+def test_list_says_whether_the_kernels_run():
+    from attnlab.report import records
+
+    result = runner.invoke(app, ["list"])
+    assert result.exit_code == 0 and records.native_summary() in result.output

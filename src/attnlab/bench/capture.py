@@ -77,10 +77,10 @@ class RowMax(_RowMean):
 
 def _analyze_set() -> list[Analysis]:
     """What ``attnlab analyze`` measures on its text by default, each with its defaults."""
-    from attnlab.analysis import STREAMING
-    from attnlab.report.analyze import DEFAULT, ON_TEXT
+    from .analyses import catalog
 
-    return [STREAMING[n]() for n in DEFAULT if n in ON_TEXT]
+    known = catalog()
+    return [known.streaming[n]() for n in known.default if n in known.on_text]
 
 
 # probe name -> the analyses it runs during the capture

@@ -24,18 +24,13 @@ NEEDLE_PROMPT_TOKENS = 64
 RETRIEVAL_MIN_TOKENS = 700
 
 
-def analysis_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Every analysis ``--analyses`` may name, and those it runs by default: the one place
-    the command line reads that list."""
-    from attnlab.report.analyze import ALL, DEFAULT
-
-    return tuple(ALL), tuple(DEFAULT)
-
-
 def parse_analyses(items: list[str]) -> list[str]:
     """``--analyses`` (comma-separated, repeatable, any case; ``all`` is every one) as
     known names, each once; the default set when none is named."""
-    known, default = analysis_names()
+    from attnlab.bench.analyses import catalog
+
+    analyses = catalog()
+    known, default = analyses.known, analyses.default
     out: list[str] = []
     for item in items:
         for part in item.split(","):
