@@ -212,6 +212,7 @@ def _files(tmp_path: Path) -> dict[str, Path]:
     files = {
         "binary": b"\x7fELF\x02\x01\x01\x00\x00\x00",
         "latin1": "café au lait".encode("latin-1"),
+        "latin1-end": "café".encode("latin-1"),  # the bad byte is the file's last
         "empty": b"",
         "blank": b"  \n\t \n",
     }
@@ -224,7 +225,8 @@ TEXT_CASES = [
     ("missing", ["no such file"]),
     ("folder", ["folder"]),
     ("binary", ["binary", "NUL byte at offset 7"]),
-    ("latin1", ["UTF-8", "offset 3", "iconv"]),
+    ("latin1", ["UTF-8", "0xe9 at offset 3", "iconv"]),
+    ("latin1-end", ["UTF-8", "0xe9 at offset 3"]),
     ("empty", ["is empty"]),
     ("blank", ["only whitespace"]),
 ]

@@ -58,10 +58,11 @@ def read_prefix(path: str | Path, max_bytes: int | None = None) -> tuple[str, bo
             try:
                 parts.append(decoder.decode(chunk, final=not chunk))
             except UnicodeDecodeError as exc:
+                # exc.object: the bytes held back from the last read, then this chunk
+                at = offset + len(chunk) - len(exc.object) + exc.start
                 raise AttnInputError(
-                    f"text: expected UTF-8, got byte 0x{chunk[exc.start]:02x} at offset "
-                    f"{offset + exc.start} of {path}; convert it, e.g. "
-                    f"`iconv -f latin1 -t utf-8 {path}`"
+                    f"text: expected UTF-8, got byte 0x{exc.object[exc.start]:02x} at offset "
+                    f"{at} of {path}; convert it, e.g. `iconv -f latin1 -t utf-8 {path}`"
                 ) from exc
             if not chunk:
                 return "".join(parts), True
