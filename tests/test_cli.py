@@ -140,7 +140,8 @@ def test_config_values_are_typed_by_the_mechanism_config(monkeypatch):
     ("args", "needles"),
     [
         (["bench", "speed", "--n", "4x"], ["--n", "4k"]),
-        (["bench", "speed", "--n", "-5"], ["--n", ">= 1"]),
+        (["bench", "speed", "--n", "-5"], ["--n", "from 1 to"]),
+        (["bench", "speed", "--n", "9999999k"], ["--n", "to 2147483647"]),
         (["bench", "speed", "--repeats", "x"], ["--repeats", "--help"]),
         (["bench", "speed", "--repeats", "0"], ["--repeats"]),
         (["bench", "speed", "--heads", "8", "--kv-heads", "3"], ["--kv-heads", "divisor"]),
@@ -231,8 +232,8 @@ TEXT_CASES = [
     ("blank", ["only whitespace"]),
 ]
 MODEL_CASES = [
-    (["analyze", "--tokens", "-5"], ["--tokens", ">= 2", "'-5'"]),
-    (["analyze", "--tokens", "0"], ["--tokens", ">= 2"]),
+    (["analyze", "--tokens", "-5"], ["--tokens", "from 2", "'-5'"]),
+    (["analyze", "--tokens", "0"], ["--tokens", "from 2"]),
     (["analyze", "--model", "minilm", "--tokens", "600"], ["512 positions", "--tokens 512"]),
     (["analyze", "--model", "MiniLM", "--tokens", "513"], ["512 positions"]),
     (["analyze", "--model", "minilmm"], ["--model", "did you mean minilm?"]),
@@ -241,7 +242,7 @@ MODEL_CASES = [
     (["analyze", "--trials", "0"], ["--trials"]),
     (["analyze", "--needle", "--text", "x.txt"], ["--needle", "one input"]),
     (["eval", "ppl", "--model", "minilm", "--mechanism", "window"], ["causal LM", "encoder"]),
-    (["eval", "ppl", "--mechanism", "window", "--tokens", "1"], ["--tokens", ">= 2"]),
+    (["eval", "ppl", "--mechanism", "window", "--tokens", "1"], ["--tokens", "from 2"]),
     (["eval", "ppl", "--mechanism", "windw"], ["did you mean window?"]),
     (["eval", "ppl", "--mechanism", "window", "--config", "window=4"], ["NAME:KEY=VALUE"]),
     (["capture-qk", "--model", "minilm", "--tokens", "64"], ["minilm has 6 layers", "got 15"]),

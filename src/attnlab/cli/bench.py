@@ -8,7 +8,7 @@ and ``--csv``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +20,11 @@ from attnlab.report import records
 from attnlab.report import table as tables
 
 from . import options
-from .common import command, console, new_app, say
+from .common import CSV_HELP, OUT_HELP, command, console, new_app, say, write
 
 app = new_app("Benchmarks: speed, memory, scaling, decoding, quality, capture.")
 
 CAUSAL_CHOICES = ("both", "true", "false")
-OUT_HELP = "Write the rows as JSON (with what produced them) here."
-CSV_HELP = "Write the rows as CSV here."
-
-
-def write(out: Path | None, csv: Path | None, rows: Sequence[Any], **fields: Any) -> None:
-    """``rows`` as an enveloped JSON at ``out`` and as CSV at ``csv``, where given."""
-    if out is not None:
-        say(f"wrote {records.write_json(out, rows, **fields)}")
-    if csv is not None:
-        say(f"wrote {records.write_csv(csv, rows)}")
 
 
 def _progress(title: str, run: Callable[[Callable[[str], None]], Any]) -> Any:

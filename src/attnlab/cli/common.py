@@ -8,7 +8,8 @@ import difflib
 import functools
 import importlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
@@ -31,11 +32,21 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 
 USAGE_EXIT = 2
 _ARGV = "attnlab.argv"
+OUT_HELP = "Write the rows as JSON (with what produced them) here."
+CSV_HELP = "Write the rows as CSV here."
 
 
 def say(text: str) -> None:
     """Print ``text`` as it is (no rich markup: paths and shapes keep their brackets)."""
     console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def write(out: Path | None, csv: Path | None, rows: Sequence[Any], **fields: Any) -> None:
+    """``rows`` as an enveloped JSON at ``out`` and as CSV at ``csv``, where given."""
+    if out is not None:
+        say(f"wrote {records.write_json(out, rows, **fields)}")
+    if csv is not None:
+        say(f"wrote {records.write_csv(csv, rows)}")
 
 
 def _one_line(text: str) -> str:
@@ -55,9 +66,9 @@ class Group(TyperGroup):
     prints usage errors (a bad option value, an unknown command) as one line, exit 2."""
 
     def make_context(self, info_name, args, parent=None, **extra):
-        argv = ["attnlab", *args]
+        argv = ["attnlab", *args]  # copied first: parsing consumes ``args``
         ctx = super().make_context(info_name, args, parent=parent, **extra)
-        if parent is None:
+        if parent is None:  # the root sees the whole command line
             ctx.meta[_ARGV] = argv
         return ctx
 

@@ -13,8 +13,7 @@ from attnlab.report import records
 from attnlab.report import table as tables
 
 from . import options
-from .bench import CSV_HELP, OUT_HELP, write
-from .common import command, console, new_app, say
+from .common import CSV_HELP, OUT_HELP, command, console, new_app, say, write
 
 eval_app = new_app("Evaluate a real model with mechanisms swapped in.")
 

@@ -28,16 +28,22 @@ MECHANISMS_LISTED = "`attnlab list` shows every mechanism"
 _SDPA_WORDS = {"is_causal": "causal (--causal)", "attn_mask": "mask"}
 
 
+_LARGEST = 2**31 - 1  # what the kernels' int arguments hold
+
+
 def size(option: str, text: str, *, minimum: int = 1) -> int:
-    """One size: ``4096``, ``4k`` (= 4096, k = 1024) or ``1m`` (= 1048576)."""
+    """One size: ``4096``, ``4k`` (= 4096, k = 1024) or ``1m`` (= 1048576), from
+    ``minimum`` to 2^31 - 1."""
     match = _SIZE.fullmatch(text.strip())
     if match is None:
         raise AttnInputError(
             f"{option}: expected a size like 1024, 4k or 16k (k = 1024), got {text!r}"
         )
     value = int(match.group(1)) * _UNITS[match.group(2).lower()]
-    if value < minimum:
-        raise AttnInputError(f"{option}: expected a size >= {minimum}, got {text.strip()!r}")
+    if not minimum <= value <= _LARGEST:
+        raise AttnInputError(
+            f"{option}: expected a size from {minimum} to {_LARGEST}, got {text.strip()!r}"
+        )
     return value
 
 
@@ -47,7 +53,7 @@ def indices(option: str, text: str) -> list[int]:
     for part in text.split(","):
         if not part.strip():
             continue
-        if not part.strip().isdigit():
+        if not re.fullmatch(r"[0-9]+", part.strip()):
             raise AttnInputError(f"{option}: expected indices >= 0 like 0,3,5, got {part!r}")
         if int(part) not in out:
             out.append(int(part))
@@ -123,7 +129,7 @@ def _parse_value(raw: str, hint: Any) -> Any:
         raise ValueError("true or false")
     if hint is int:
         try:
-            return size("", raw, minimum=-(2**63))
+            return size("", raw, minimum=-_LARGEST)
         except AttnInputError as exc:
             raise ValueError("an integer (4k = 4096)") from exc
     if hint is float:
