@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attnlab
-from attnlab.bench import quality, scaling
+from attnlab.bench import decode, quality, scaling
 from attnlab.core.reference import reference_attention
 from attnlab.core.scan import (
     CHUNK_TABLE,
@@ -312,7 +312,7 @@ def test_bench_scaling_and_decode_run(monkeypatch):
     )
     assert res[0].ms[0] > 0 and res[0].speedup[1] is not None and res[0].exponent is not None
     assert len(steady) == 2  # one timing loop per N
-    dec = scaling.run_decode(["linear", "softmax"], [8, 32], heads=2, head_dim=8, repeats=2)
+    dec = decode.run_decode(["linear", "softmax"], [8, 32], heads=2, head_dim=8, repeats=2)
     assert dec[0].state_floats[0] == dec[0].state_floats[1]
     assert dec[1].state_floats[1] > dec[1].state_floats[0]
 

@@ -77,10 +77,10 @@ class RowMax(_RowMean):
 
 def _analyze_set() -> list[Analysis]:
     """What ``attnlab analyze`` measures on its text by default, each with its defaults."""
-    from attnlab.analysis import STREAMING
-    from attnlab.report.analyze import DEFAULT, ON_TEXT
+    from .analyses import catalog
 
-    return [STREAMING[n]() for n in DEFAULT if n in ON_TEXT]
+    known = catalog()
+    return [known.streaming[n]() for n in known.default if n in known.on_text]
 
 
 # probe name -> the analyses it runs during the capture
@@ -173,5 +173,5 @@ def run(
     record["capture_seconds"] = time.perf_counter() - t
     record["capture_peak_mb"] = peak_rss_mb()
     record["time_ratio"] = record["capture_seconds"] / record["sdpa_seconds"]
-    record["rows"] = len(result.rows)
+    record["probe_rows"] = len(result.rows)
     return record

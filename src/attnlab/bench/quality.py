@@ -13,7 +13,7 @@ KV cache softmax would keep, so quality can be read against state size.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -115,8 +115,3 @@ def run_quality(
                     )
                 records.append(record)
     return records
-
-
-def as_json(records: list[QualityRecord]) -> list[dict]:
-    """Records as JSON-ready dicts."""
-    return [asdict(r) for r in records]

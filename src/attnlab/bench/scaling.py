@@ -1,62 +1,25 @@
-"""Scaling of linear-time mechanisms against SDPA: crossover length, exponent, decode cost.
+"""Scaling of linear-time mechanisms against SDPA: crossover length and exponent.
 
-- :func:`run_scaling` times mechanisms and raw ``scaled_dot_product_attention``
-  side by side (interleaved repeat by repeat; median, and the best repeat, which
-  on a shared machine estimates the uncontended cost) over a range of N, and
-  reports where each mechanism overtakes SDPA (CAB's "efficiency length") and
-  the exponent of a least-squares fit of log time (median) against log N.
-- :func:`run_decode` times one decoding ``step`` at given positions (the
-  positions interleaved call by call), from a state built by decoding that many
-  tokens, to show that a recurrent state costs the same per token at any
-  position (a KV cache does not).
-- :func:`run_chunks` measures the chunked kernel of :mod:`attnlab.core.scan` for
-  several chunk sizes and feature dims: the table behind ``choose_chunk``.
+:func:`run_scaling` times mechanisms and raw ``scaled_dot_product_attention`` side by
+side (interleaved repeat by repeat; median, and the best repeat, which on a shared
+machine estimates the uncontended cost) over a range of N, and reports where each
+mechanism overtakes SDPA (CAB's "efficiency length") and the exponent
+of a least-squares fit of log time (median) against log N.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 import attnlab
-from attnlab.core import native
-from attnlab.core.scan import causal_scan
 
-from . import memory
-
-Progress = Callable[[str], None] | None
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
-
-
-def _repeats(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """ms of each call over ``repeats``, after one warm-up, interleaved repeat by repeat,
-    with the allocator in its steady state (:func:`memory.reuse_freed_blocks`, as in
-    ``bench speed``)."""
-    memory.reuse_freed_blocks()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    with torch.inference_mode():
-        for fn in calls.values():
-            fn()
-        for _ in range(repeats):
-            for name, fn in calls.items():
-                times[name].append(_timed(fn))
-    return times
-
-
-def _interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median ms of each call (see :func:`_repeats`)."""
-    return {name: statistics.median(ts) for name, ts in _repeats(calls, repeats).items()}
+from .timing import Progress, repeats_ms
 
 
 def fit_exponent(ns: list[int], ms: list[float]) -> float | None:
@@ -142,7 +105,7 @@ def run_scaling(
             calls["sdpa"] = lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
                 q, k, v, is_causal=True
             )
-        got = _repeats(calls, repeats)
+        got = repeats_ms(calls, repeats)
         sdpa.append(statistics.median(got["sdpa"]) if "sdpa" in got else None)
         sdpa_best.append(min(got["sdpa"]) if "sdpa" in got else None)
         for m in names:
@@ -176,133 +139,3 @@ def run_scaling(
             )
         )
     return results
-
-
-@dataclass
-class DecodeResult:
-    """Cost of one decoding step at each position, and the state it carries there."""
-
-    mechanism: str
-    positions: list[int]
-    step_ms: list[float]
-    state_floats: list[int]
-    ratio_last_first: float
-
-
-def _prefill(mech, position, batch, heads, head_dim, dtype):
-    """The decoding state after ``position`` tokens, built by ``step`` over those tokens."""
-    state = mech.init_state(batch, heads, heads, head_dim, head_dim, dtype=dtype)
-    block = 4096
-    with torch.inference_mode():
-        for start in range(0, position, block):
-            t = min(block, position - start)
-            x = torch.randn(batch, heads, t, head_dim, dtype=dtype)
-            _, state = mech.step(x, x, x, state)
-    return state
-
-
-def run_decode(
-    mechanisms: Iterable[str],
-    positions: Iterable[int] = (1024, 16384),
-    *,
-    batch: int = 1,
-    heads: int = 8,
-    head_dim: int = 64,
-    dtype: torch.dtype = torch.float32,
-    repeats: int = 30,
-    threads: int = 1,
-    progress: Progress = None,
-) -> list[DecodeResult]:
-    """Median time of one ``step`` (one new token) at each position, per mechanism.
-
-    Runs on ``threads`` intra-op threads (1 by default: a one-token step is too
-    small to split, and on a shared machine a descheduled worker thread would
-    stall every small op).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return _decode(
-            list(mechanisms), list(positions), batch, heads, head_dim, dtype, repeats, progress
-        )
-    finally:
-        torch.set_num_threads(before)
-
-
-def _decode(mechanisms, positions, batch, heads, head_dim, dtype, repeats, progress):
-    results = []
-    for name in mechanisms:
-        mech = attnlab.get(name).eval()
-        if not mech.spec.decode:
-            raise attnlab.AttnInputError(f"mechanisms: {name!r} has no decoding step")
-        calls, sizes = {}, []
-        x = torch.randn(batch, heads, 1, head_dim, dtype=dtype)
-        for pos in positions:
-            if progress:
-                progress(f"decode {name}: state at {pos}")
-            state = _prefill(mech, pos, batch, heads, head_dim, dtype)
-            calls[pos] = lambda m=mech, s=state, x=x: m.step(x, x, x, s)
-            sizes.append(
-                mech.state_size(
-                    pos, q_heads=heads, kv_heads=heads, head_dim=head_dim, value_dim=head_dim
-                )
-            )
-        if progress:
-            progress(f"decode {name}: timing")
-        got = _interleaved(calls, repeats)  # positions alternate, so noise hits all alike
-        step_ms = [got[pos] for pos in positions]
-        results.append(
-            DecodeResult(
-                mechanism=name,
-                positions=positions,
-                step_ms=step_ms,
-                state_floats=sizes,
-                ratio_last_first=step_ms[-1] / step_ms[0],
-            )
-        )
-    return results
-
-
-def run_chunks(
-    feature_dims: Iterable[int] = (16, 64, 153),
-    chunks: Iterable[int] = (32, 64, 128, 256),
-    *,
-    n: int = 8192,
-    heads: int = 8,
-    value_dim: int = 64,
-    repeats: int = 3,
-    progress: Progress = None,
-) -> list[dict]:
-    """ms of the causal chunked scan for each (feature dim F, chunk C); the best C per F
-    flagged, and which kernel ran ("compiled": csrc/scan.c, which takes F a multiple of 16,
-    else "torch")."""
-    rows = []
-    for f in feature_dims:
-        fq = torch.rand(1, heads, n, f)
-        fk = torch.rand(1, heads, n, f)
-        v = torch.randn(1, heads, n, value_dim)
-        if progress:
-            progress(f"chunks F={f}")
-        calls = {
-            c: (lambda c=c, fq=fq, fk=fk, v=v: causal_scan(fq, fk, v, chunk=c)) for c in chunks
-        }
-        got = _interleaved(calls, repeats)
-        best = min(got, key=got.get)
-        rows.extend(
-            {
-                "feature_dim": f,
-                "chunk": c,
-                "ms": t,
-                "best": c == best,
-                "kernel": "compiled"
-                if native.scan_applies((fq, fk, v), feature="identity", chunk=c)
-                else "torch",
-            }
-            for c, t in got.items()
-        )
-    return rows
-
-
-def as_json(results: list) -> list[dict]:
-    """Results as JSON-ready dicts."""
-    return [r if isinstance(r, dict) else asdict(r) for r in results]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -254,8 +254,3 @@ def _skipped(
         scores_mib=scores_mib,
         skipped=why,
     )
-
-
-def as_json(records: list[SpeedRecord]) -> list[dict]:
-    """Records as JSON-ready dicts."""
-    return [asdict(r) for r in records]

@@ -35,10 +35,34 @@ def negative_log_likelihood(model, ids: torch.Tensor, *, chunk: int = 512) -> tu
     return total, int(targets.shape[0])
 
 
+def max_positions(config) -> int | None:
+    """The most positions a model with this (transformers) config reads, where it says."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None) if not isinstance(config, dict) else config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_causal_lm(model) -> None:
+    """AttnInputError unless ``model`` is a causal LM: perplexity is next-token prediction."""
+    if "CausalLM" not in type(model).__name__ or model.get_output_embeddings() is None:
+        raise AttnInputError(
+            f"model: perplexity needs a causal LM (next-token prediction), got "
+            f"{type(model).__name__}; use smollm2 or another *ForCausalLM model"
+        )
+
+
 def perplexity(model, ids: torch.Tensor, mechanism: str | None = None, **config: Any) -> float:
     """exp(mean next-token NLL) of ``ids`` [1, N]; with ``mechanism``, that mechanism inside."""
+    check_causal_lm(model)
     if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 2:
         raise AttnInputError(f"ids: expected [1, N] with N >= 2, got {tuple(ids.shape)}")
+    limit = max_positions(model.config)
+    if limit is not None and ids.shape[1] > limit:
+        raise AttnInputError(
+            f"ids: the model reads at most {limit} positions, got {ids.shape[1]} tokens"
+        )
     if mechanism is None:
         nll, n = negative_log_likelihood(model, ids)
     else:
@@ -48,19 +72,24 @@ def perplexity(model, ids: torch.Tensor, mechanism: str | None = None, **config:
 
 
 def compare(
-    model, ids: torch.Tensor, mechanisms: Sequence[str], config: dict[str, Any] | None = None
+    model,
+    ids: torch.Tensor,
+    mechanisms: Sequence[str],
+    configs: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Perplexity of the model's own attention, then of each mechanism, side by side.
 
-    Rows: ``mechanism, ppl, ratio`` (to the model's own), ``seconds``, ``error``
-    (why a mechanism could not run, else None). ``config`` is passed to every
-    mechanism.
+    Rows: ``mechanism, config, ppl, ratio`` (to the model's own), ``seconds``, ``error``
+    (why a mechanism could not run, else None), ``note``. ``configs`` maps a mechanism's
+    name to its Config options.
     """
+    configs = configs or {}
     t = time.perf_counter()
     own = perplexity(model, ids)
     rows = [
         {
             "mechanism": "model (own attention)",
+            "config": {},
             "ppl": own,
             "ratio": 1.0,
             "seconds": time.perf_counter() - t,
@@ -71,11 +100,12 @@ def compare(
     for name in mechanisms:
         t = time.perf_counter()
         try:
-            ppl = perplexity(model, ids, name, **(config or {}))
+            ppl = perplexity(model, ids, name, **configs.get(name, {}))
         except AttnInputError as exc:
             rows.append(
                 {
                     "mechanism": name,
+                    "config": configs.get(name, {}),
                     "ppl": None,
                     "ratio": None,
                     "seconds": None,
@@ -87,6 +117,7 @@ def compare(
         rows.append(
             {
                 "mechanism": name,
+                "config": configs.get(name, {}),
                 "ppl": ppl,
                 "ratio": ppl / own,
                 "seconds": time.perf_counter() - t,

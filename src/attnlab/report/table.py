@@ -1,9 +1,13 @@
-"""The table of mechanisms, generated from the registry's Specs."""
+"""Tables: the mechanisms' Markdown table generated from the registry's Specs, and the
+console tables (rich) that the command line prints."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
+
+from rich.table import Table
 
 import attnlab
 from attnlab.core.spec import CAUSALITIES
@@ -78,3 +82,186 @@ def update_readme(path: Path) -> bool:
     if new != text:
         path.write_text(new)
     return new != text
+
+
+# --- console tables of the command line (rich), one per command ---
+
+
+def _table(title: str, columns: Sequence[str], left: Sequence[str] = ()) -> Table:
+    """An empty rich table: ``columns`` right-aligned except those in ``left``."""
+    t = Table(title=title)
+    for col in columns:
+        t.add_column(col, justify="left" if col in left else "right")
+    return t
+
+
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def mechanisms_table(table_rows: Sequence[dict]) -> Table:
+    """The registered mechanisms (:func:`rows`): what each supports, costs, and its paper."""
+    yes = {True: "✓", False: "·"}
+    columns = ("name", "family", "exact", "modes", "decode", "backward", "complexity", "paper")
+    t = _table(f"attnlab mechanisms ({len(table_rows)})", columns, left=columns)
+    for r in table_rows:
+        t.add_row(
+            r["name"],
+            r["family"],
+            yes[r["exact"]],
+            r["modes"],
+            yes[r["decode"]],
+            yes[r["backward"]],
+            r["complexity"],
+            r["paper"],
+        )
+    return t
+
+
+def speed_table(records: Sequence, title: str) -> Table:
+    """``bench speed``: ms, ratio to SDPA, peak memory, and for sparse mechanisms their
+    density, FLOP-bound speedup and the fraction of it achieved."""
+    columns = (
+        "mechanism",
+        "N",
+        "mode",
+        "ms",
+        "× SDPA speed",
+        "peak MiB",
+        "peak / N×N",
+        "density",
+        "FLOP-bound",
+        "achieved",
+    )
+    t = _table(title, columns, left=("mechanism", "mode"))
+    for r in records:
+        mode = "causal" if r.causal else "full"
+        if r.skipped:
+            t.add_row(r.mechanism, str(r.n), mode, "skipped", r.skipped, *[""] * 5)
+            continue
+        t.add_row(
+            r.mechanism,
+            str(r.n),
+            mode,
+            _fmt(r.ms, ".1f"),
+            _fmt(r.speedup, ".3f"),
+            _fmt(r.peak_mib, ".1f"),
+            _fmt(None if r.peak_mib is None else r.peak_mib / r.scores_mib, ".3f"),
+            _fmt(r.density, ".4f"),
+            _fmt(r.flop_bound_speedup, ".2f"),
+            _fmt(r.achieved, ".0%"),
+        )
+    return t
+
+
+def scaling_table(results: Sequence, title: str) -> Table:
+    """``bench scaling``: median ms per N of SDPA and each mechanism, with its ratio."""
+    t = _table(title, ["N", "sdpa"])
+    for r in results:
+        t.add_column(r.mechanism, justify="right")
+        t.add_column("× SDPA", justify="right")
+    for i, size in enumerate(results[0].ns):
+        row = [str(size), _fmt(results[0].sdpa_ms[i], ".1f")]
+        for r in results:
+            row += [f"{r.ms[i]:.1f}", _fmt(r.speedup[i], ".1f")]
+        t.add_row(*row)
+    return t
+
+
+def scaling_lines(results: Sequence) -> list[str]:
+    """``bench scaling``: per mechanism, its crossover N and fitted exponent."""
+    lines = []
+    for r in results:
+        best = ", ".join(_fmt(s, ".1f") for s in r.best_speedup)
+        lines.append(
+            f"{r.mechanism}: crossover N = {r.crossover_n} ({r.crossover_note}); "
+            f"fitted exponent of time vs N over {r.exponent_range[:1]}..{r.exponent_range[-1:]}"
+            f": {_fmt(r.exponent, '.2f')}; best-repeat × SDPA: {best} "
+            f"(crossover {r.best_crossover_n})"
+        )
+    return lines
+
+
+def decode_table(results: Sequence, positions: Sequence[int], title: str) -> Table:
+    """``bench decode``: ms of one step and the state carried, at each position."""
+    t = _table(title, ["mechanism"], left=["mechanism"])
+    for p in positions:
+        t.add_column(f"ms @ {p}", justify="right")
+        t.add_column(f"state @ {p}", justify="right")
+    t.add_column(f"ms @ {positions[-1]} / ms @ {positions[0]}", justify="right")
+    for r in results:
+        row = [r.mechanism]
+        for ms, size in zip(r.step_ms, r.state_floats, strict=True):
+            row += [f"{ms:.3f}", f"{size:,}"]
+        t.add_row(*row, f"{r.ratio_last_first:.2f}")
+    return t
+
+
+def chunks_table(chunk_rows: Sequence[dict], chosen: dict[str, int], title: str) -> Table:
+    """``bench chunks``: ms per (feature dim, chunk), the fastest flagged, and the chunk
+    that ``choose_chunk`` picks per kernel (``chosen``: kernel -> chunk)."""
+    t = _table(title, ("F", "C", "ms", "fastest", "kernel", "choose_chunk"))
+    for r in chunk_rows:
+        t.add_row(
+            str(r["feature_dim"]),
+            str(r["chunk"]),
+            f"{r['ms']:.1f}",
+            "✓" if r["best"] else "",
+            r["kernel"],
+            str(chosen[r["kernel"]]),
+        )
+    return t
+
+
+def quality_table(records: Sequence, title: str) -> Table:
+    """``bench quality``: relative error and cosine to exact softmax, with state size."""
+    columns = ("mechanism", "family", "input", "mode", "rel. error", "cosine", "state", "KV cache")
+    t = _table(title, columns, left=("mechanism", "family", "input"))
+    for r in records:
+        mode = "causal" if r.causal else "full"
+        if r.skipped:
+            t.add_row(r.mechanism, r.family, r.source, mode, "skipped", r.skipped[:60], "", "")
+            continue
+        t.add_row(
+            r.mechanism,
+            r.family,
+            r.source,
+            mode,
+            f"{r.rel_error:.4f}",
+            f"{r.cosine:.4f}",
+            _fmt(r.state_floats, ","),
+            f"{r.kv_cache_floats:,}",
+        )
+    return t
+
+
+def capture_table(record: dict, probe: str, title: str) -> Table:
+    """``bench capture``: seconds and peak RSS of the plain forward and of the capture."""
+    t = _table(title, ("pass", "seconds", "peak RSS MB"), left=("pass",))
+    t.add_row(
+        "plain SDPA forward", f"{record['sdpa_seconds']:.1f}", f"{record['sdpa_peak_mb']:.0f}"
+    )
+    t.add_row(
+        f"capture + probe {probe}",
+        f"{record['capture_seconds']:.1f}",
+        f"{record['capture_peak_mb']:.0f}",
+    )
+    return t
+
+
+def perplexity_table(ppl_rows: Sequence[dict], title: str) -> Table:
+    """``eval ppl``: perplexity per mechanism, its ratio to the model's own, and why a
+    mechanism could not run or may be optimistic."""
+    t = _table(title, ("mechanism", "ppl", "× own", "seconds", "note"), left=("mechanism", "note"))
+    for r in ppl_rows:
+        if r["error"]:
+            t.add_row(r["mechanism"], "-", "-", "-", r["error"])
+        else:
+            t.add_row(
+                r["mechanism"],
+                f"{r['ppl']:.3f}",
+                f"{r['ratio']:.4f}",
+                f"{r['seconds']:.1f}",
+                r["note"] or "",
+            )
+    return t

@@ -1,0 +1,5 @@
+"""``python -m attnlab``: the ``attnlab`` command."""
+
+from attnlab.cli import app
+
+app(prog_name="attnlab")
