@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attnlab.analysis.needle import make_needle
-from attnlab.analysis.offline import analyse_maps
+from attnlab.analysis.offline import analyze_maps
 from attnlab.analysis.retrieval import RetrievalScore, random_heads, retrieval_heads
 
 
@@ -29,7 +29,7 @@ def test_retrieval_score_counts_copy_paste_from_the_needle():
             if t + 1 - answer_start < 2:
                 maps[0, 2, t] = 0.0
                 maps[0, 2, t, src] = 1.0  # copies the first two only
-    rows = analyse_maps([maps], [RetrievalScore(needle, answer_start)], input_ids=ids)
+    rows = analyze_maps([maps], [RetrievalScore(needle, answer_start)], input_ids=ids)
     scores = {r["head"]: r["value"] for r in rows}
     assert scores == {0: 1.0, 1: 0.0, 2: 0.5}
     assert retrieval_heads(rows) == [(0, 0), (0, 2)]
