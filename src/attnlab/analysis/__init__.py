@@ -11,17 +11,18 @@ Each analysis that ``attnlab analyze`` can name registers itself with
 below, :func:`default_analyses` the default set.
 """
 
-# isort: off  (imported in the order `registry()` lists them)
+# registry() lists the analyses in the order their modules are imported here
+# isort: off
 from .base import Analysis, CaptureInfo, default_analyses, register_analysis, registry
-from .distance import AttentionDistance, FutureInfluence
+from .sinks import Sinks
 from .entropy import Entropy
-from .flow import Flow, Rollout, attention_flow, attention_graph, rollout
-from .importance import HeadImportance, head_importance
-from .needle import Needle, make_needle, shipped_text
-from .offline import analyze_maps
+from .distance import AttentionDistance, FutureInfluence
 from .patterns import TokenPatterns, repeated_random_tokens
 from .retrieval import RetrievalScore, needle_trials, random_heads, retrieval_heads
-from .sinks import Sinks
+from .importance import HeadImportance, head_importance
+from .flow import Flow, Rollout, attention_flow, attention_graph, rollout
+from .needle import Needle, make_needle, shipped_text
+from .offline import analyze_maps
 
 # isort: on
 
