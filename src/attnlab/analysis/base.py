@@ -64,7 +64,7 @@ class Analysis(ABC):
         ``update(layer, probs, rows, logits=...)``: ``logits`` (same shape, read
         only) are the scaled scores whose softmax ``probs`` is, with float32's
         lowest finite value where a key is hidden or masked, or None when the
-        capture has none (maps analysed offline, weights changed by an edit).
+        capture has none (maps analyzed offline, weights changed by an edit).
         """
 
     @abstractmethod

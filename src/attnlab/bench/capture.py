@@ -77,10 +77,9 @@ class RowMax(_RowMean):
 
 def _analyze_set() -> list[Analysis]:
     """What ``attnlab analyze`` measures on its text by default, each with its defaults."""
-    from attnlab.analysis import STREAMING
-    from attnlab.report.analyze import DEFAULT, ON_TEXT
+    from attnlab.analysis import registry
 
-    return [STREAMING[n]() for n in DEFAULT if n in ON_TEXT]
+    return [cls() for cls in registry().values() if cls.default and not cls.own_run]
 
 
 # probe name -> the analyses it runs during the capture
