@@ -18,9 +18,14 @@ from attnlab.core import (
     register,
     spec,
 )
+from attnlab.models.registration import register_with_transformers
 from attnlab.models.swap import use
 
 __version__ = "0.1.0"
+
+# "attnlab:<name>" becomes a valid attn_implementation as soon as transformers' modeling
+# module is loaded, without importing transformers here (see attnlab.models.registration)
+register_with_transformers()
 
 __all__ = [
     "AttnInputError",

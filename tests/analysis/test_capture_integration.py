@@ -17,7 +17,7 @@ def test_capture_in_blocks_equals_analysing_the_full_maps(smollm2):
         FutureInfluence,
         Sinks,
         TokenPatterns,
-        analyse_maps,
+        analyze_maps,
     )
     from attnlab.analysis.maps import HeadMaps
     from attnlab.models import capture
@@ -37,7 +37,7 @@ def test_capture_in_blocks_equals_analysing_the_full_maps(smollm2):
         torch.stack([maps.maps[(layer, h)] for h in range(n_heads)])[None]
         for layer in range(n_layers)
     ]
-    offline = analyse_maps(
+    offline = analyze_maps(
         full,
         analyses(),
         input_ids=ids,

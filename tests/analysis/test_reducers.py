@@ -10,7 +10,7 @@ import torch
 
 from attnlab.analysis.distance import AttentionDistance, FutureInfluence
 from attnlab.analysis.entropy import Entropy
-from attnlab.analysis.offline import analyse_maps
+from attnlab.analysis.offline import analyze_maps
 from attnlab.analysis.patterns import TokenPatterns, repeated_random_tokens
 from attnlab.analysis.sinks import Sinks
 
@@ -40,7 +40,7 @@ def value(rows, metric, layer=0, head=0, **match):
 
 def test_all_to_first_token_is_found_as_sink():
     maps = [stack_heads(to_position(N, 0), to_position(N, 0), causal_uniform(N))]
-    rows = analyse_maps(maps, [Sinks()])
+    rows = analyze_maps(maps, [Sinks()])
     assert value(rows, "first_token_attention", head=0) == pytest.approx(1.0)
     assert value(rows, "first_token_attention", head=2) < 0.2
     sink = [r for r in rows if r["metric"] == "sink" and r["rank"] == 0]
@@ -54,7 +54,7 @@ def test_secondary_sink_later_in_the_sequence_is_found_and_named():
     maps = [stack_heads(first, ninth, first, ninth)]
     tokens = [f"t{i}" for i in range(n)]
     tokens[9] = "."
-    rows = analyse_maps(maps, [Sinks()], tokens=tokens)
+    rows = analyze_maps(maps, [Sinks()], tokens=tokens)
     sinks = {r["position"]: r for r in rows if r["metric"] == "sink" and r["is_sink"]}
     assert set(sinks) == {0, 9}
     assert sinks[9]["kind"] == "secondary" and sinks[9]["token"] == "."
@@ -67,14 +67,14 @@ def test_sink_massive_activations_are_reported():
     maps = [stack_heads(to_position(N, 0), to_position(N, 0))]
     hidden = torch.randn(1, N, 16) * 0.1
     hidden[0, 0, 5] = 500.0
-    rows = analyse_maps(maps, [Sinks()], hidden_states=(hidden, hidden))
+    rows = analyze_maps(maps, [Sinks()], hidden_states=(hidden, hidden))
     mass = [r for r in rows if r["metric"] == "massive_activation"]
     assert mass[0]["position"] == 0 and mass[0]["dim"] == 5 and mass[0]["massive"]
 
 
 def test_shifted_diagonal_is_a_previous_token_head():
     maps = [stack_heads(shifted_diagonal(N, 1), shifted_diagonal(N, 2), causal_uniform(N))]
-    rows = analyse_maps(maps, [TokenPatterns(), AttentionDistance()])
+    rows = analyze_maps(maps, [TokenPatterns(), AttentionDistance()])
     assert value(rows, "previous_token", head=0) == pytest.approx(1.0)
     assert value(rows, "previous_token", head=1) == pytest.approx(0.0)
     assert value(rows, "mean_distance", head=0) == pytest.approx(1.0)
@@ -93,7 +93,7 @@ def test_induction_and_duplicate_heads_on_repeated_random_tokens():
         dup[i, back] = 1.0
         ind[i, back + 1 if i > t else i] = 1.0
     maps = [stack_heads(dup, ind, shifted_diagonal(n), batch=2)]
-    rows = analyse_maps(maps, [TokenPatterns()], input_ids=ids)
+    rows = analyze_maps(maps, [TokenPatterns()], input_ids=ids)
     assert value(rows, "duplicate_token", head=0) == pytest.approx(1.0)
     assert value(rows, "induction", head=1) == pytest.approx(1.0)
     assert value(rows, "induction", head=0) == pytest.approx(0.0)
@@ -102,7 +102,7 @@ def test_induction_and_duplicate_heads_on_repeated_random_tokens():
 
 def test_entropy_of_uniform_and_one_hot_rows():
     maps = [stack_heads(causal_uniform(N), to_position(N, 0))]
-    rows = analyse_maps(maps, [Entropy()])
+    rows = analyze_maps(maps, [Entropy()])
     mean_log = sum(math.log(i + 1) for i in range(N)) / N
     assert value(rows, "entropy", head=0) == pytest.approx(mean_log, rel=1e-5)
     assert value(rows, "normalized_entropy", head=0) == pytest.approx(1.0, rel=1e-5)
@@ -111,7 +111,7 @@ def test_entropy_of_uniform_and_one_hot_rows():
 
 def test_waad_clips_the_distance_at_the_window():
     maps = [stack_heads(to_position(N, 0), shifted_diagonal(N, 3))]
-    rows = analyse_maps(maps, [AttentionDistance(window=10)])
+    rows = analyze_maps(maps, [AttentionDistance(window=10)])
     # rows 1..9 look back i <= 9 tokens, later rows are clipped at 10
     expected = (sum(range(1, 10)) + 10 * (N - 10)) / (N - 1)
     assert value(rows, "waad", head=0) == pytest.approx(expected)
@@ -121,7 +121,7 @@ def test_waad_clips_the_distance_at_the_window():
 
 def test_future_attention_influence_finds_the_anchor_token():
     maps = [stack_heads(to_position(N, 7), causal_uniform(N))]
-    rows = analyse_maps(maps, [FutureInfluence()])
+    rows = analyze_maps(maps, [FutureInfluence()])
     peak = next(r for r in rows if r["metric"] == "fai_peak" and r["head"] == 0)
     assert peak["position"] == 7 and peak["value"] == pytest.approx(1.0)
     # uniform rows: the first token gets 1/(t+1) from each row t in its horizon 10..100
@@ -133,14 +133,14 @@ def test_fai_counts_only_the_horizon_and_averages_the_global_heads():
     # head 0 looks 3 back (inside no horizon 10..100), head 1 at token 7, head 2 at token 0
     maps = [stack_heads(shifted_diagonal(N, 3), to_position(N, 7), to_position(N, 0))]
     fi = FutureInfluence(quantile=0.34)  # one head of three: the farthest-looking
-    rows = analyse_maps(maps, [fi])
+    rows = analyze_maps(maps, [fi])
     assert value(rows, "fai_peak", head=0) == pytest.approx(0.0)
     # the global head is head 2 (mean distance ~N/2): its anchor is token 0
     assert float(fi.fai[0]) == pytest.approx(1.0) and torch.isnan(fi.fai[-1])
     anchors = [r for r in rows if r["metric"] == "fai_anchor"]
     assert anchors and anchors[0]["layer"] is None and anchors[0]["rank"] == 0
     fi = FutureInfluence(h_lo=1, h_hi=5, quantile=0.34)
-    analyse_maps(maps, [fi])
+    analyze_maps(maps, [fi])
     # token s gets weight 1 from row s + 3 of head 0 only: FAI 1/5 per head
     assert float(fi.fai_heads[0, 0, 10]) == pytest.approx(1 / 5)
 
@@ -148,7 +148,7 @@ def test_fai_counts_only_the_horizon_and_averages_the_global_heads():
 def test_waad_series_of_the_local_heads():
     maps = [stack_heads(shifted_diagonal(N, 2), to_position(N, 0), causal_uniform(N))]
     dist = AttentionDistance(window=10, quantile=0.34)
-    rows = analyse_maps(maps, [dist], block=7)
+    rows = analyze_maps(maps, [dist], block=7)
     groups = {r["head"]: r["group"] for r in rows if r["metric"] == "mean_distance"}
     assert groups == {0: "local", 1: "global", 2: None}
     # the local head looks exactly 2 back from row 2 on
@@ -162,7 +162,7 @@ def test_distances_without_a_causal_mask():
     i = torch.arange(n, dtype=torch.float32)
     d = i[:, None] - i[None, :]
     for block in (None, 5):
-        rows = analyse_maps([full], [AttentionDistance(window=3)], causal=False, block=block)
+        rows = analyze_maps([full], [AttentionDistance(window=3)], causal=False, block=block)
         for h in range(2):
             p = full[0, h, 1:]
             mean_d = float((p * d[1:].abs()).sum(-1).mean())
@@ -178,7 +178,7 @@ def test_streaming_in_blocks_equals_the_full_matrix(block):
 
     def run(b):
         analyses = [Sinks(), Entropy(), AttentionDistance(), FutureInfluence(), TokenPatterns()]
-        return analyse_maps(maps, analyses, input_ids=ids, block=b)
+        return analyze_maps(maps, analyses, input_ids=ids, block=b)
 
     full, streamed = run(None), run(block)
     assert len(full) == len(streamed)
@@ -193,7 +193,7 @@ def test_streaming_in_blocks_equals_the_full_matrix(block):
 
 def test_rows_are_tidy():
     maps = [random_causal(1, 2, 12)]
-    rows = analyse_maps(
+    rows = analyze_maps(
         maps, [Sinks(), Entropy(), AttentionDistance(), FutureInfluence(), TokenPatterns()]
     )
     for r in rows:
@@ -202,7 +202,7 @@ def test_rows_are_tidy():
 
 def test_uniform_and_local_attention_have_no_sinks():
     maps = [stack_heads(causal_uniform(N), shifted_diagonal(N, 1), shifted_diagonal(N, 2))]
-    rows = analyse_maps(maps, [Sinks()])
+    rows = analyze_maps(maps, [Sinks()])
     sinks = [r for r in rows if r["metric"] == "sink"]
     assert sinks and not any(r["is_sink"] for r in sinks)
     assert all(r["ratio"] < 2 for r in sinks)
@@ -211,7 +211,7 @@ def test_uniform_and_local_attention_have_no_sinks():
 @pytest.mark.parametrize("causal,masked", [(True, False), (True, True), (False, True)])
 def test_entropy_from_the_scores_equals_minus_p_log_p(causal, masked):
     from attnlab.analysis._stream import row_entropy
-    from attnlab.models.capture import attention_blocks
+    from attnlab.core.softmax_blocks import attention_blocks
 
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 6, 30, 8, generator=g) * 2, torch.randn(2, 3, 30, 8, generator=g) * 2

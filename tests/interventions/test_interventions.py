@@ -1,5 +1,7 @@
 """Interventions on SmolLM2: each changes what it says, composes, and restores on exit."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -191,3 +193,50 @@ def test_act_sinks_are_keys_whose_observers_average_above_the_threshold(smollm2,
     expected = received > 0.1
     expected[:, 0] = False
     assert expected.any() and torch.equal(edit.found[12][0], expected)
+
+
+def _config_only(layers=4, heads=3):
+    """A stand-in model: edits check their indices against its config before anything runs."""
+    return SimpleNamespace(
+        config=SimpleNamespace(num_hidden_layers=layers, num_attention_heads=heads)
+    )
+
+
+@pytest.mark.parametrize(
+    "heads, message",
+    [
+        ({99: [0]}, r"heads: the model has layers 0\.\.3, got layer \[99\]"),
+        ({-1: None}, r"layers 0\.\.3, got layer \[-1\]"),
+        ([(0, 3)], r"heads: layer 0 has heads 0\.\.2, got \[3\]"),
+        ({2: [0, -2]}, r"layer 2 has heads 0\.\.2, got \[-2\]"),
+    ],
+)
+def test_head_indices_the_model_lacks_are_refused(heads, message):
+    model = _config_only()
+    for edit in (
+        lambda: mask_heads(model, heads),
+        lambda: scale_heads(model, heads, 0.5),
+        lambda: zerotune(model, 0.5, heads),
+        lambda: calibrate_sinks(model, heads),
+    ):
+        with pytest.raises(attnlab.AttnInputError, match=message), edit():
+            pass
+
+
+def test_mask_heads_out_of_range_on_the_real_model(smollm2):
+    model, _ = smollm2
+    with (
+        pytest.raises(attnlab.AttnInputError, match=r"layers 0\.\.29"),
+        mask_heads(model, {99: [0]}),
+    ):
+        pass
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), True, "2"])
+def test_factors_must_be_finite_numbers(bad):
+    model = _config_only()
+    with pytest.raises(attnlab.AttnInputError, match="factor: expected a finite number"):
+        scale_heads(model, {0: [0]}, bad).__enter__()
+    with pytest.raises(attnlab.AttnInputError, match="gamma: expected a finite number"):
+        zerotune(model, bad).__enter__()

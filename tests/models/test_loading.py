@@ -1,6 +1,11 @@
 """Loading: embedded names, local folders, and the errors a user can act on."""
 
 import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -80,3 +85,45 @@ def test_file_instead_of_folder(tmp_path):
     f.write_bytes(b"")
     with pytest.raises(attnlab.AttnInputError, match="expected a Hugging Face folder"):
         attnlab.models.load(str(f))
+
+
+def _leftover(parent, name, owner=None, age=0.0):
+    folder = parent / name
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"\0" * 1024)
+    if owner is not None:
+        (folder / loading.OWNER).write_text(owner)
+    stamp = time.time() - age
+    os.utime(folder, (stamp, stamp))
+    return folder
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temporaries_of_a_killed_save_are_removed_on_the_next_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNLAB_CACHE", str(tmp_path))
+    entry = loading.EMBEDDED["smollm2"]
+    target = loading._cached_folder(entry)
+    host = socket.gethostname()
+    killed = _leftover(tmp_path, f".{target.name}-killed", f"{host} {_dead_pid()}")
+    old = _leftover(tmp_path, f".{target.name}-old", age=2 * loading.STALE_SECONDS)
+    running = _leftover(tmp_path, f".{target.name}-running", f"{host} {os.getpid()}")
+    elsewhere = _leftover(tmp_path, f".{target.name}-elsewhere", "other-host 1")
+    other = _leftover(tmp_path, ".another-model-v1-x", f"{host} {_dead_pid()}")
+
+    def fake_convert(entry, target):
+        target.mkdir(parents=True)
+        (target / "attnlab-complete").write_text("done\n")
+
+    monkeypatch.setattr(loading, "_convert_gguf", fake_convert)
+    folder, kind = loading.resolve("smollm2")
+    assert folder == target and kind == "causal"
+    assert not killed.exists() and not old.exists()
+    assert running.exists() and elsewhere.exists() and other.exists()
+    # a day later, even a folder whose owner id looks alive is gone
+    removed = loading.clean_stale_temporaries(target, now=time.time() + 25 * 3600)
+    assert set(removed) == {running, elsewhere}

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ._stream import PerHead, distance_moments
-from .base import Analysis, CaptureInfo
+from .base import Analysis, CaptureInfo, register_analysis
 
 
 def _skip(probs: torch.Tensor, rows: slice, skip_rows: int) -> tuple[torch.Tensor, int]:
@@ -61,6 +61,7 @@ def _group_mean(per_head: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     return per_head[group].mean(0)
 
 
+@register_analysis
 class AttentionDistance(Analysis):
     """Mean attention distance and windowed average attention distance (WAAD).
 
@@ -88,6 +89,7 @@ class AttentionDistance(Analysis):
     """
 
     name = "distance"
+    default = True
 
     def __init__(self, window: int = 10, skip_rows: int = 1, quantile: float = 0.3):
         self.window = window
@@ -150,6 +152,7 @@ class AttentionDistance(Analysis):
         return out
 
 
+@register_analysis
 class FutureInfluence(Analysis):
     """Future attention influence (FAI) of each token, per head and over the global heads.
 
@@ -178,6 +181,7 @@ class FutureInfluence(Analysis):
     """
 
     name = "fai"
+    default = True
 
     def __init__(
         self,

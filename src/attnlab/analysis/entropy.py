@@ -8,9 +8,10 @@ from typing import Any
 import torch
 
 from ._stream import PerHead, query_positions, row_entropy
-from .base import Analysis, CaptureInfo
+from .base import Analysis, CaptureInfo, register_analysis
 
 
+@register_analysis
 class Entropy(Analysis):
     """Shannon entropy of each attention row, averaged per (layer, head).
 
@@ -31,6 +32,7 @@ class Entropy(Analysis):
     """
 
     name = "entropy"
+    default = True
     uses_logits = True
 
     def begin(self, info: CaptureInfo) -> None:

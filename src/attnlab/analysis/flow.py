@@ -2,66 +2,17 @@
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any
 
+import networkx as nx
 import torch
+from networkx.algorithms.flow import boykov_kolmogorov, build_residual_network
 
-from .base import Analysis, CaptureInfo
-
-
-def max_flow(capacity: list[dict[int, float]], source: int, sink: int) -> float:
-    """Maximum flow from ``source`` to ``sink`` (Dinic's algorithm).
-
-    ``capacity[u][v]``: capacity of the directed edge ``u -> v``. Small graphs
-    only (pure Python): attention graphs of a few layers and a few dozen tokens.
-    """
-    n = len(capacity)
-    residual = [dict(edges) for edges in capacity]
-    for u in range(n):
-        for v in capacity[u]:
-            residual[v].setdefault(u, 0.0)
-    eps = 1e-12
-    total = 0.0
-    while True:
-        level = [-1] * n
-        level[source] = 0
-        queue = deque([source])
-        while queue:
-            u = queue.popleft()
-            for v, c in residual[u].items():
-                if c > eps and level[v] < 0:
-                    level[v] = level[u] + 1
-                    queue.append(v)
-        if level[sink] < 0:
-            return total
-        it = [list(residual[u]) for u in range(n)]
-        pos = [0] * n
-
-        def push(u: int, limit: float, level=level, it=it, pos=pos) -> float:
-            if u == sink:
-                return limit
-            while pos[u] < len(it[u]):
-                v = it[u][pos[u]]
-                c = residual[u][v]
-                if c > eps and level[v] == level[u] + 1:
-                    pushed = push(v, min(limit, c))
-                    if pushed > eps:
-                        residual[u][v] -= pushed
-                        residual[v][u] += pushed
-                        return pushed
-                pos[u] += 1
-            return 0.0
-
-        while True:
-            pushed = push(source, float("inf"))
-            if pushed <= eps:
-                break
-            total += pushed
+from .base import Analysis, CaptureInfo, register_analysis
 
 
 def residual_attention(mean_attention: torch.Tensor) -> torch.Tensor:
-    """``0.5 A + 0.5 I`` with rows renormalised: attention plus the residual path."""
+    """``0.5 A + 0.5 I`` with rows renormalized: attention plus the residual path."""
     n = mean_attention.shape[-1]
     a = 0.5 * mean_attention.double() + 0.5 * torch.eye(n, dtype=torch.float64)
     return a / a.sum(-1, keepdim=True).clamp_min(1e-30)
@@ -82,29 +33,56 @@ def rollout(layers: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def attention_graph(layers: list[torch.Tensor]) -> nx.DiGraph:
+    """The attention graph of Abnar & Zuidema 2020: node ``(l, j)`` is position ``j`` before
+    layer ``l`` (``l = 0..L``); the edge ``(l, j) -> (l + 1, i)`` has capacity ``Ã_l[i, j]``
+    (:func:`residual_attention` of ``layers[l]``, head-averaged [N, N])."""
+    graph = nx.DiGraph()
+    n = layers[0].shape[-1]
+    graph.add_nodes_from((l_idx, j) for l_idx in range(len(layers) + 1) for j in range(n))
+    for l_idx, a in enumerate(layers):
+        a = residual_attention(a).tolist()
+        graph.add_weighted_edges_from(
+            (
+                ((l_idx, j), (l_idx + 1, i), a[i][j])
+                for i in range(n)
+                for j in range(n)
+                if a[i][j] > 0
+            ),
+            weight="capacity",
+        )
+    return graph
+
+
 def attention_flow(layers: list[torch.Tensor], targets: list[int] | None = None) -> torch.Tensor:
     """Attention flow: float64 [len(targets), N], max-flow from each input token to each
     target position of the last layer.
 
-    The attention graph (Abnar & Zuidema 2020) has a node per (layer, position);
-    an edge from position ``j`` before layer ``l`` to position ``i`` after it
-    carries capacity ``Ã_l[i, j]`` (:func:`residual_attention`). The flow value
-    from input ``j`` to output ``i`` is the max-flow between the two nodes.
+    The value from input ``j`` to output ``i`` is the maximum flow from node ``(0, j)`` to
+    node ``(L, i)`` of :func:`attention_graph`, computed by ``networkx.maximum_flow_value``
+    (Boykov-Kolmogorov). For each target, only the nodes that reach it carry flow to it,
+    so each target's problems run on that subgraph and share one residual network; an
+    input that does not reach the target (a later token in a causal model) has flow 0.
     """
     n = layers[0].shape[-1]
     targets = list(range(n)) if targets is None else targets
-    graph: list[dict[int, float]] = [{} for _ in range((len(layers) + 1) * n)]
-    for l_idx, a in enumerate(layers):
-        a = residual_attention(a).tolist()
-        for i in range(n):
-            for j in range(n):
-                if a[i][j] > 0:
-                    graph[l_idx * n + j][(l_idx + 1) * n + i] = a[i][j]
-    top = len(layers) * n
+    graph = attention_graph(layers)
+    top = len(layers)
     out = torch.zeros(len(targets), n, dtype=torch.float64)
     for t_idx, i in enumerate(targets):
+        sink = (top, i)
+        reaching = graph.subgraph(nx.ancestors(graph, sink) | {sink})
+        residual = build_residual_network(reaching, "capacity")
         for j in range(n):
-            out[t_idx, j] = max_flow(graph, j, top + i)
+            if (0, j) in reaching:
+                out[t_idx, j] = nx.maximum_flow_value(
+                    reaching,
+                    (0, j),
+                    sink,
+                    capacity="capacity",
+                    flow_func=boykov_kolmogorov,
+                    residual=residual,
+                )
     return out
 
 
@@ -144,12 +122,13 @@ class _LayerMaps(Analysis):
         ]
 
 
+@register_analysis
 class Rollout(_LayerMaps):
     """Attention rollout (Abnar & Zuidema 2020, "Quantifying Attention Flow in
     Transformers", arXiv:2005.00928).
 
     Heads are averaged, the residual connection is added as ``0.5 A + 0.5 I``
-    (rows renormalised), and the layers are multiplied:
+    (rows renormalized), and the layers are multiplied:
     ``R_l = Ã_l Ã_{l-1} ... Ã_1``. ``R_l[i, j]`` is the share of position ``i``'s
     representation after layer ``l`` that traces back to input token ``j``; rows
     sum to 1. Rows: ``rollout`` per (layer, query, key) for the query positions
@@ -157,6 +136,7 @@ class Rollout(_LayerMaps):
     """
 
     name = "rollout"
+    own_run = True
 
     def __init__(self, targets: list[int] | None = None):
         self.targets = targets
@@ -169,6 +149,7 @@ class Rollout(_LayerMaps):
         return out
 
 
+@register_analysis
 class Flow(_LayerMaps):
     """Attention flow (Abnar & Zuidema 2020, "Quantifying Attention Flow in
     Transformers", arXiv:2005.00928).
@@ -177,7 +158,7 @@ class Flow(_LayerMaps):
     token ``j`` below layer ``l`` to token ``i`` above it has capacity
     ``Ã_l[i, j]`` (head-averaged attention plus the residual, as in rollout).
     The flow from input ``j`` to output ``i`` is the maximum flow between the two
-    nodes (Dinic's algorithm, :func:`max_flow`). Unlike rollout, which multiplies
+    nodes (:func:`attention_flow`, through networkx). Unlike rollout, which multiplies
     weights along all paths, flow is bounded by each path's narrowest edge.
     Rows: ``flow`` per (query, key) after the last layer, for the query
     positions ``targets`` (default: all); N^2 max-flow problems, so keep inputs
@@ -185,6 +166,7 @@ class Flow(_LayerMaps):
     """
 
     name = "flow"
+    own_run = True
     max_tokens = 32
 
     def __init__(self, targets: list[int] | None = None):

@@ -9,8 +9,14 @@ from importlib import resources
 
 import torch
 
+from attnlab.core.errors import AttnInputError
+
 NEEDLE = "The secret code is {code}."
 QUESTION = "What is the secret code? Answer with the four digits."
+# the haystack must be several times the needle sentence (about 8 tokens) for finding
+# the needle to be a search over distractors, and hold a few sentence boundaries to
+# place it at different depths
+MIN_CONTEXT_TOKENS = 64
 
 
 def shipped_text() -> str:
@@ -20,6 +26,28 @@ def shipped_text() -> str:
     if not texts:
         raise FileNotFoundError("attnlab/data: no *.txt text ships with this installation")
     return texts[0].read_text(encoding="utf-8")
+
+
+def haystack_ids(tokenizer, text: str, tokens: int) -> list[int]:
+    """The first ``tokens`` token ids of ``text`` with its whitespace collapsed.
+
+    Only as much of the text is tokenized as it takes (a prefix, doubled until it
+    holds enough tokens), so a long file costs no more than its start. Raises
+    AttnInputError naming ``text`` when the whole text holds fewer tokens.
+    """
+    words = " ".join(text.split())
+    chars = 16 * tokens
+    while True:
+        ids = tokenizer(words[:chars], add_special_tokens=False)["input_ids"]
+        if len(ids) > tokens or chars >= len(words):
+            break
+        chars *= 2
+    if len(ids) < tokens:
+        raise AttnInputError(
+            f"text: the needle's haystack needs {tokens} tokens (tokens={tokens}), but the text "
+            f"holds {len(ids)}; give a longer text or fewer tokens"
+        )
+    return ids[:tokens]
 
 
 @dataclass
@@ -54,15 +82,24 @@ def make_needle(
     """Hide ``"The secret code is NNNN."`` at ``depth`` in ``context_tokens`` tokens of text.
 
     The haystack is the start of ``text`` (default: :func:`shipped_text`), cut to
-    ``context_tokens`` tokens; the needle goes at the sentence boundary nearest
-    ``depth``; the question follows the haystack. The code is drawn from
+    ``context_tokens`` tokens (AttnInputError if the text has fewer, or if
+    ``context_tokens`` is below :data:`MIN_CONTEXT_TOKENS`); the needle goes at the
+    sentence boundary nearest ``depth``; the question follows the haystack. The code is drawn from
     ``seed`` (1000..9999).
     """
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth: expected a number in [0, 1], got {depth!r}")
+    if not isinstance(depth, (int, float)) or not 0.0 <= depth <= 1.0:
+        raise AttnInputError(f"depth: expected a number in [0, 1], got {depth!r}")
+    if (
+        not isinstance(context_tokens, int)
+        or isinstance(context_tokens, bool)
+        or context_tokens < MIN_CONTEXT_TOKENS
+    ):
+        raise AttnInputError(
+            f"tokens: a needle-in-a-haystack prompt needs at least {MIN_CONTEXT_TOKENS} "
+            f"tokens of context, got {context_tokens!r}"
+        )
     code = str(random.Random(seed).randint(1000, 9999))
-    hay = " ".join((text if text is not None else shipped_text()).split())
-    ids = tokenizer(hay, add_special_tokens=False)["input_ids"][:context_tokens]
+    ids = haystack_ids(tokenizer, text if text is not None else shipped_text(), context_tokens)
     hay = tokenizer.decode(ids)
     target = int(len(hay) * depth)
     cuts = [m.end() for m in re.finditer(r"[.!?] ", hay)] or [0]

@@ -16,7 +16,7 @@ import torch
 from .base import Analysis, CaptureInfo
 
 
-def analyse_maps(
+def analyze_maps(
     maps: Sequence[torch.Tensor],
     analyses: Sequence[Analysis],
     *,

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ._stream import PerHead, distances, query_positions
-from .base import Analysis, CaptureInfo
+from .base import Analysis, CaptureInfo, register_analysis
 
 
 def repeated_random_tokens(
@@ -35,6 +35,7 @@ def repeated_random_tokens(
     return seq
 
 
+@register_analysis
 class TokenPatterns(Analysis):
     """Previous-token, duplicate-token and induction scores per head.
 
@@ -57,6 +58,8 @@ class TokenPatterns(Analysis):
     """
 
     name = "patterns"
+    default = True
+    own_run = True
     metrics = ("previous_token", "duplicate_token", "induction")
 
     def begin(self, info: CaptureInfo) -> None:

@@ -9,10 +9,14 @@ from typing import Any
 
 import torch
 
-from .base import Analysis, CaptureInfo
+from attnlab.core.errors import AttnInputError
+from attnlab.models import capture
+
+from .base import Analysis, CaptureInfo, register_analysis
 from .needle import Needle, make_needle
 
 
+@register_analysis
 class RetrievalScore(Analysis):
     """The retrieval score of each head (Wu et al. 2024, "Retrieval Head
     Mechanistically Explains Long-Context Factuality", arXiv:2404.15574).
@@ -33,6 +37,7 @@ class RetrievalScore(Analysis):
     """
 
     name = "retrieval"
+    own_run = True
 
     def __init__(self, needle_positions: Sequence[int], answer_start: int):
         self.needle_positions = sorted(int(p) for p in needle_positions)
@@ -122,14 +127,18 @@ def needle_trials(
 ) -> NeedleRun:
     """Ask ``model`` for the code in ``trials`` needles (depths spread over the text).
 
-    With ``score=True`` also replays each answer through :func:`attnlab.models.capture`
-    with :class:`RetrievalScore`, and ``rows`` holds each head's retrieval score
-    averaged over the trials (``retrieval_score``) plus the accuracy (``needle_accuracy``,
-    ``layer=None``). Run it inside an intervention (``mask_heads``) to measure the
-    model with heads removed.
+    Each haystack is the first ``context_tokens`` tokens of ``text`` (default: the
+    text that ships with attnlab), exactly as asked: :func:`make_needle` raises
+    AttnInputError when ``context_tokens`` is below
+    :data:`~attnlab.analysis.needle.MIN_CONTEXT_TOKENS` or the text holds fewer
+    tokens. With ``score=True`` also replays each answer through
+    :func:`attnlab.models.capture` with :class:`RetrievalScore`, and ``rows`` holds
+    each head's retrieval score averaged over the trials (``retrieval_score``) plus
+    the accuracy (``needle_accuracy``, ``layer=None``). Run it inside an
+    intervention (``mask_heads``) to measure the model with heads removed.
     """
-    from attnlab.models import capture
-
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise AttnInputError(f"trials: expected an int >= 1, got {trials!r}")
     run = NeedleRun()
     sums: dict[tuple[int, int], float] = {}
     depths = needle_depths(trials)

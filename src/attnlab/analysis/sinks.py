@@ -8,9 +8,10 @@ import numpy as np
 import torch
 
 from ._stream import column_sums
-from .base import Analysis, CaptureInfo
+from .base import Analysis, CaptureInfo, register_analysis
 
 
+@register_analysis
 class Sinks(Analysis):
     """Attention sinks, found (not assumed) per layer, with the sink tokens' massive activations.
 
@@ -54,6 +55,7 @@ class Sinks(Analysis):
     """
 
     name = "sinks"
+    default = True
     needs_hidden_states = True
 
     def __init__(

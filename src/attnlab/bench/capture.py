@@ -77,10 +77,9 @@ class RowMax(_RowMean):
 
 def _analyze_set() -> list[Analysis]:
     """What ``attnlab analyze`` measures on its text by default, each with its defaults."""
-    from .analyses import catalog
+    from attnlab.analysis import registry
 
-    known = catalog()
-    return [known.streaming[n]() for n in known.default if n in known.on_text]
+    return [cls() for cls in registry().values() if cls.default and not cls.own_run]
 
 
 # probe name -> the analyses it runs during the capture
@@ -173,5 +172,5 @@ def run(
     record["capture_seconds"] = time.perf_counter() - t
     record["capture_peak_mb"] = peak_rss_mb()
     record["time_ratio"] = record["capture_seconds"] / record["sdpa_seconds"]
-    record["probe_rows"] = len(result.rows)
+    record["rows"] = len(result.rows)
     return record

@@ -27,10 +27,9 @@ RETRIEVAL_MIN_TOKENS = 700
 def parse_analyses(items: list[str]) -> list[str]:
     """``--analyses`` (comma-separated, repeatable, any case; ``all`` is every one) as
     known names, each once; the default set when none is named."""
-    from attnlab.bench.analyses import catalog
+    from attnlab.analysis import default_analyses, registry
 
-    analyses = catalog()
-    known, default = analyses.known, analyses.default
+    known, default = list(registry()), default_analyses()
     out: list[str] = []
     for item in items:
         for part in item.split(","):

@@ -13,8 +13,9 @@ from collections.abc import Iterator
 import torch
 
 from attnlab.core.errors import AttnInputError
+from attnlab.core.softmax_blocks import NEG, attention_blocks, default_block
 
-from .base import Edit, Heads, HeadSpec, applied, first_keys
+from .base import Edit, Heads, HeadSpec, applied, finite_number, first_keys
 
 
 class SinkCalibration(Edit):
@@ -61,8 +62,8 @@ class SinkCalibration(Edit):
     ) -> None:
         if not 0 < threshold <= 1:
             raise AttnInputError(f"threshold: expected a number in (0, 1], got {threshold!r}")
-        if alpha is not None and not alpha > 0:
-            raise AttnInputError(f"alpha: expected a number > 0 or None, got {alpha!r}")
+        if alpha is not None and not (finite_number("alpha", alpha) > 0):
+            raise AttnInputError(f"alpha: expected a finite number > 0 or None, got {alpha!r}")
         if not 0 <= beta <= 1:
             raise AttnInputError(f"beta: expected a number in [0, 1], got {beta!r}")
         self.heads = Heads(heads)
@@ -72,8 +73,6 @@ class SinkCalibration(Edit):
         self.found: dict[int, torch.Tensor] = {}  # layer -> sink positions per head, last run
 
     def prepare(self, layer, q, k, *, causal, mask, scale):
-        from attnlab.models.capture import NEG, attention_blocks, default_block
-
         sel = self.heads.selector(layer, q.shape[1])
         if sel is None:
             self._sinks = None

@@ -1,7 +1,9 @@
 """The common part of interventions: head selection and the context manager that applies an edit.
 
-An intervention is an :class:`Edit` placed on the model's attnlab attention hook
-(:func:`attnlab.models.hooked`) for the duration of a ``with`` block. Edits
+An intervention is an :class:`Edit` (an :class:`attnlab.models.AttentionEdit`)
+placed on the model's attnlab attention hook (:func:`attnlab.models.edited`) for
+the duration of a ``with`` block; its layer and head indices are checked against
+the model first. Edits
 compose with each other, with :func:`attnlab.models.use` and with
 :func:`attnlab.models.capture`; on exit the model is exactly as before.
 
@@ -15,12 +17,14 @@ compose with each other, with :func:`attnlab.models.use` and with
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
 
 from attnlab.core.errors import AttnInputError
+from attnlab.models import edited
 
 HeadSpec = None | str | Mapping[int, Iterable[int] | None] | Iterable[tuple[int, int]]
 
@@ -57,6 +61,20 @@ class Heads:
                 if chosen is not None:
                     chosen.add(head)
 
+    def check(self, n_layers: int, n_heads: int) -> None:
+        """Raise AttnInputError naming every layer or head index the model does not have."""
+        if self.all:
+            return
+        bad_layers = sorted(la for la in self.by_layer if not 0 <= la < n_layers)
+        if bad_layers:
+            raise AttnInputError(
+                f"heads: the model has layers 0..{n_layers - 1}, got layer {bad_layers}"
+            )
+        for layer, chosen in self.by_layer.items():
+            bad = sorted(h for h in chosen or () if not 0 <= h < n_heads)
+            if bad:
+                raise AttnInputError(f"heads: layer {layer} has heads 0..{n_heads - 1}, got {bad}")
+
     def selector(self, layer: int, n_heads: int) -> torch.Tensor | None:
         """Bool [n_heads] of the chosen heads of ``layer``; None when none is chosen."""
         if self.all:
@@ -91,6 +109,11 @@ class Edit:
 
     needs_probs: ClassVar[bool] = False  # only a `probs` form: forces exact explicit attention
     has_probs: ClassVar[bool] = False  # a `probs` form, used whenever probabilities are computed
+    heads: Heads = Heads("all")  # the (layer, head) pairs the edit changes
+
+    def check(self, n_layers: int, n_heads: int) -> None:
+        """Reject layer or head indices the model does not have (AttnInputError)."""
+        self.heads.check(n_layers, n_heads)
 
     def prepare(self, layer, q, k, *, causal, mask, scale) -> None:
         """Per-layer set-up before the blocks (default: nothing to prepare)."""
@@ -113,14 +136,21 @@ def first_keys(mask: torch.Tensor | None, batch: int, device=None) -> torch.Tens
     return last_row.int().argmax(dim=-1).expand(batch)
 
 
+def finite_number(name: str, value: Any, *, low: float | None = None) -> float:
+    """``value`` as a float, or AttnInputError naming ``name`` if it is not a finite number
+    (bools, NaN, infinities and strings are refused) or is below ``low``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (low is not None and value < low):
+        bound = "" if low is None else f" >= {low:g}"
+        raise AttnInputError(f"{name}: expected a finite number{bound}, got {value!r}")
+    return float(value)
+
+
 @contextlib.contextmanager
 def applied(model: torch.nn.Module, edit: Edit) -> Iterator[Any]:
-    """Put ``edit`` on ``model``'s attention hook inside the block; remove it on exit."""
-    from attnlab.models.swap import hooked
+    """Put ``edit`` on ``model``'s attention hook inside the block; remove it on exit.
 
-    with hooked(model) as state:
-        state.edits.append(edit)
-        try:
-            yield edit
-        finally:
-            state.edits.remove(edit)
+    The edit's head indices are checked against the model first (AttnInputError).
+    """
+    with edited(model, edit) as placed:
+        yield placed

@@ -12,19 +12,15 @@ from collections.abc import Iterator
 
 import torch
 
-from attnlab.core.errors import AttnInputError
-
-from .base import Edit, Heads, HeadSpec, applied
+from .base import Edit, Heads, HeadSpec, applied, finite_number
 
 
 class HeadScale(Edit):
     """Multiply the attention output of the chosen heads by ``factor``."""
 
     def __init__(self, heads: HeadSpec, factor: float) -> None:
-        if not isinstance(factor, (int, float)):
-            raise AttnInputError(f"factor: expected a number, got {factor!r}")
+        self.factor = finite_number("factor", factor)
         self.heads = Heads(heads)
-        self.factor = float(factor)
 
     def output(self, layer, out, q, k, v):
         sel = self.heads.selector(layer, out.shape[1])

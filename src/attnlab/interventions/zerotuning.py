@@ -11,13 +11,11 @@ from collections.abc import Iterator
 
 import torch
 
-from attnlab.core.errors import AttnInputError
-
-from .base import Edit, Heads, HeadSpec, applied, first_keys
+from .base import Edit, Heads, HeadSpec, applied, finite_number, first_keys
 
 
 class ZeroTuning(Edit):
-    """Scale each chosen head's attention to the initial token by ``gamma``, then renormalise.
+    """Scale each chosen head's attention to the initial token by ``gamma``, then renormalize.
 
     With a₀ the weight on the initial token, a'₀ = γ·a₀ / (1 + (γ−1)·a₀) and
     a'ᵢ = aᵢ / (1 + (γ−1)·a₀) for the others: the relative weights of the other
@@ -30,9 +28,7 @@ class ZeroTuning(Edit):
     needs_probs = True
 
     def __init__(self, gamma: float, heads: HeadSpec = None) -> None:
-        if not isinstance(gamma, (int, float)) or not gamma >= 0:
-            raise AttnInputError(f"gamma: expected a number >= 0, got {gamma!r}")
-        self.gamma = float(gamma)
+        self.gamma = finite_number("gamma", gamma, low=0.0)
         self.heads = Heads(heads)
         self._first: torch.Tensor | None = None
         self._sel: torch.Tensor | None = None

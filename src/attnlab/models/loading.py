@@ -18,7 +18,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,11 @@ EMBEDDED: dict[str, Embedded] = {
 
 # bump when the cached conversion changes its layout
 _CACHE_VERSION = 1
+# a conversion writes into a temporary folder ".<target>-XXXX" next to its target, with an
+# OWNER file "<host> <pid>"; a folder whose owner died (a kill during the save) is removed
+# on the next load, and so is one older than STALE_SECONDS whose owner is not known alive
+OWNER = "attnlab-owner"
+STALE_SECONDS = 3600
 
 
 def cache_dir() -> Path:
@@ -146,9 +153,11 @@ def _convert_gguf(entry: Embedded, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
+        (tmp / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "attnlab-complete").write_text(entry.title + "\n")
+        (tmp / OWNER).unlink()
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
@@ -157,10 +166,54 @@ def _convert_gguf(entry: Embedded, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _owner_alive(folder: Path) -> bool | None:
+    """Whether the process that wrote ``folder`` still runs: True/False when it ran on this
+    host, None when that cannot be known (no owner file, another host)."""
+    try:
+        host, pid = (folder / OWNER).read_text().split()
+        pid_number = int(pid)
+    except (OSError, ValueError):
+        return None
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid_number, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by another user
+    return True
+
+
+def clean_stale_temporaries(target: Path, *, now: float | None = None) -> list[Path]:
+    """Remove the temporary folders of interrupted conversions of ``target``; returns them.
+
+    A folder ``.<target name>-*`` beside ``target`` is stale when its owner process
+    (on this host) is dead, when it is older than :data:`STALE_SECONDS` and its
+    owner is not known to be alive, or older than a day whatever its owner (a
+    reused process id). Folders of a conversion still running stay.
+    """
+    now = time.time() if now is None else now
+    removed = []
+    for folder in target.parent.glob(f".{target.name}-*"):
+        if not folder.is_dir():
+            continue
+        alive = _owner_alive(folder)
+        try:
+            age = now - folder.stat().st_mtime
+        except OSError:
+            continue
+        if alive is False or (alive is None and age > STALE_SECONDS) or age > 24 * STALE_SECONDS:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 def resolve(name_or_path: str, *, refresh: bool = False) -> tuple[Path | str, str | None]:
     """Where the model ``name_or_path`` loads from, and its kind ("causal", "encoder", None).
 
-    Embedded names resolve to a folder (converting the GGUF on first use); a path
+    Embedded names resolve to a folder (converting the GGUF on first use, after
+    removing what interrupted conversions left, :func:`clean_stale_temporaries`); a path
     to an existing folder resolves to itself; anything else is taken as a hub id.
     """
     key = name_or_path.lower()
@@ -169,6 +222,8 @@ def resolve(name_or_path: str, *, refresh: bool = False) -> tuple[Path | str, st
         if entry.gguf is None:
             return package_folder(entry), entry.kind
         target = _cached_folder(entry)
+        if target.parent.is_dir():
+            clean_stale_temporaries(target)
         if refresh or not (target / "attnlab-complete").is_file():
             _convert_gguf(entry, target)
         return target, entry.kind

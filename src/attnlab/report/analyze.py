@@ -9,14 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from attnlab.analysis import (
-    STREAMING,
     Analysis,
     Flow,
     Rollout,
     TokenPatterns,
+    default_analyses,
     head_importance,
     make_needle,
     needle_trials,
+    registry,
     repeated_random_tokens,
     shipped_text,
 )
@@ -27,15 +28,19 @@ from .tokens import token_texts
 
 
 def streaming_analyses() -> dict[str, type[Analysis]]:
-    """The streaming analyses by name: the one place this module reads attnlab.analysis's list."""
-    return dict(STREAMING)
+    """The registered streaming analyses (classes that ride on a capture) by name."""
+    return {
+        name: cls
+        for name, cls in registry().items()
+        if isinstance(cls, type) and issubclass(cls, Analysis)
+    }
 
 
-# experiments that run the model themselves (not streaming analyses of one capture)
-EXPERIMENTS = ("retrieval", "importance")
-ALL = (*streaming_analyses(), *(e for e in EXPERIMENTS if e not in streaming_analyses()))
-DEFAULT = ("sinks", "entropy", "distance", "fai", "patterns")
-ON_TEXT = ("sinks", "entropy", "distance", "fai")
+# every registered analysis, the default set, and those measured on the one capture of
+# the input text (the others run the model separately: own_run)
+ALL = tuple(registry())
+DEFAULT = tuple(default_analyses())
+ON_TEXT = tuple(name for name, cls in registry().items() if not cls.own_run)
 FLOW_TOKENS = 24
 ROLLOUT_TOKENS = 32
 MAP_TOKENS = 32  # the attention maps' spans: short enough to label every token
