@@ -126,20 +126,23 @@ def text_ids(
     return torch.tensor([ids], dtype=torch.long), copies
 
 
-def file_ids(tokenizer, tokens: int, path: str | Path | None = None) -> tuple[torch.Tensor, int]:
-    """As :func:`text_ids` of the file ``path`` (default: the shipped text), reading only
-    as much of the file as ``tokens`` tokens need: a 30 MB file costs what its first
-    pages cost."""
+def file_text(tokenizer, tokens: int, path: str | Path | None = None) -> str:
+    """The text of the file ``path`` (default: the shipped text), cut to the shortest
+    prefix that holds more than ``tokens`` tokens (or the whole file when it holds fewer),
+    reading no more of the file than that: a 30 MB file costs what its first pages cost."""
     if path is None:
-        return text_ids(tokenizer, tokens)
+        return shipped_text()
     path = check_text_file(path)
     size = max(_BLOCK, _BYTES_PER_TOKEN * tokens)
     while True:
         text, whole = read_prefix(path, size)
-        if whole:
-            return text_ids(tokenizer, tokens, text)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         # the last token may be a word cut by the read; one to spare leaves it out
-        if len(ids) > tokens:
-            return text_ids(tokenizer, tokens, text)
+        if whole or len(tokenizer(text, add_special_tokens=False)["input_ids"]) > tokens:
+            return text
         size *= 4
+
+
+def file_ids(tokenizer, tokens: int, path: str | Path | None = None) -> tuple[torch.Tensor, int]:
+    """As :func:`text_ids` of the file ``path`` (default: the shipped text), reading only
+    as much of the file as ``tokens`` tokens need (:func:`file_text`)."""
+    return text_ids(tokenizer, tokens, file_text(tokenizer, tokens, path))

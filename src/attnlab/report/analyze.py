@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,11 +18,12 @@ from attnlab.analysis import (
     needle_trials,
     registry,
     repeated_random_tokens,
-    shipped_text,
 )
 from attnlab.analysis.maps import HeadMaps
+from attnlab.models.text import file_text
 
 from .page import environment, write_report
+from .records import write_json
 from .tokens import token_texts
 
 
@@ -100,7 +100,7 @@ def analyze(
     log(f"loading {model} ...")
     lm, tok = load(model)
     causal = "CausalLM" in type(lm).__name__
-    body = Path(text).read_text(encoding="utf-8") if text is not None else shipped_text()
+    body = file_text(tok, tokens, text)
     text_name = f"the file {text}" if text is not None else "the text shipped with attnlab"
     if needle:
         nd = make_needle(tok, context_tokens=tokens, text=body)
@@ -173,7 +173,7 @@ def analyze(
         "n_heads": int(lm.config.num_attention_heads),
         "environment": environment(),
     }
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+    write_json(out / "results.json", rows, meta=meta)
     log("plotting and writing the report ...")
     write_report(out, rows, meta, words, head_maps)
     log(f"wrote {out / 'results.json'}, {out / 'report.html'} and the PNGs in {out}")
