@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import attnlab
 from attnlab.cli import app
+from attnlab.core import native
 
 runner = CliRunner()
 
@@ -115,7 +116,7 @@ def test_names_are_case_insensitive_and_sizes_count_in_1024(monkeypatch):
     assert asked["names"] == ["softmax", "chunked"]
     assert asked["ns"] == [1024, 4096, 16384, 100]
     assert asked["configs"] == {"chunked": {"query_chunk": 2048}}
-    assert "compiled kernels" in result.output
+    assert native.summary() in result.output
     assert runner.invoke(app, ["info", "CHUNKED"]).exit_code == 0
 
 

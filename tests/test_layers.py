@@ -39,7 +39,6 @@ LAYERS = {
     "bench": 6,
     "report": 6,
     "cli": 7,
-    "__main__": 7,
 }
 # folders under src/attnlab that hold data files, not code
 DATA = {"data"}
@@ -83,9 +82,12 @@ GRAPH = {name: imported_modules(name, path) for name, path in MODULES.items()}
 
 
 def layer_of(name: str) -> str | None:
-    """The layer a module belongs to (None for the façade ``attnlab`` itself)."""
+    """The layer a module belongs to (None for the façade ``attnlab`` itself);
+    ``python -m attnlab`` (``attnlab.__main__``) is the command line's."""
     parts = name.split(".")
-    return parts[1] if len(parts) > 1 else None
+    if len(parts) == 1:
+        return None
+    return "cli" if parts[1] == "__main__" else parts[1]
 
 
 def rank(name: str, seen: frozenset[str] = frozenset()) -> int:

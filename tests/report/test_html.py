@@ -18,7 +18,7 @@ from attnlab.analysis import (
     Rollout,
     Sinks,
     TokenPatterns,
-    analyse_maps,
+    analyze_maps,
 )
 from attnlab.analysis.maps import HeadMaps
 from attnlab.report import html as page
@@ -59,14 +59,14 @@ def synthetic_run(tmp_path, bench: bool = True):
     ]
     hidden = torch.randn(1, N, 16)
     hidden[0, 0, 3] = 5000.0  # a massive activation on the sink token
-    rows = analyse_maps(
+    rows = analyze_maps(
         maps,
         [Sinks(top_k=5, ratio_min=3.0), Entropy(), AttentionDistance(), FutureInfluence()],
         tokens=words,
         hidden_states=(hidden,) * LAYERS,
     )
     repeated = torch.randint(100, 1000, (1, HALF)).repeat(1, 2)
-    patterns = analyse_maps(maps, [TokenPatterns()], input_ids=repeated)
+    patterns = analyze_maps(maps, [TokenPatterns()], input_ids=repeated)
     rows += [{**r, "input": "repeated random tokens"} for r in patterns]
     for layer in range(LAYERS):
         for head in range(HEADS):
@@ -106,10 +106,10 @@ def synthetic_run(tmp_path, bench: bool = True):
     )
     short = [m[:, :, :12, :12] / m[:, :, :12, :12].sum(-1, keepdim=True) for m in maps]
     rollout, flow = Rollout(), Flow()
-    rows += analyse_maps(short, [rollout, flow], tokens=words[:12])
+    rows += analyze_maps(short, [rollout, flow], tokens=words[:12])
     on_input, on_repeat = HeadMaps([(0, 0)]), HeadMaps([(1, 2)])
-    analyse_maps(maps, [on_input], tokens=words)
-    analyse_maps(maps, [on_repeat], input_ids=repeated)
+    analyze_maps(maps, [on_input], tokens=words)
+    analyze_maps(maps, [on_repeat], input_ids=repeated)
     head_maps = {
         "rollout": (rollout, words[:12]),
         "flow": (flow, words[:12]),

@@ -172,5 +172,5 @@ def run(
     record["capture_seconds"] = time.perf_counter() - t
     record["capture_peak_mb"] = peak_rss_mb()
     record["time_ratio"] = record["capture_seconds"] / record["sdpa_seconds"]
-    record["rows"] = len(result.rows)
+    record["probe_rows"] = len(result.rows)
     return record

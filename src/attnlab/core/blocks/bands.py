@@ -11,30 +11,10 @@ by log-sum-exp.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 
-from .layout import BlockLayout, Run, additive_bias
-
-
-@dataclass(frozen=True, eq=False)
-class BandSplit:
-    """A run as a sliding band plus further blocks (see :func:`band_split`).
-
-    Query block c0 + i of the run visits key blocks ``first`` + i ...
-    ``first`` + i + ``width`` - 1 under one shared token mask ``bias`` [1, 1,
-    bq, width·bk] (None: fully visible), and besides them the fully visible key
-    blocks ``extra`` [Bl, Hl, c, E] (E may be 0). Rows with fewer than E further
-    blocks are padded with block 0, which ``extra_bias`` [Bl, Hl, c, 1, E·bk]
-    hides (-inf; None when no row is padded).
-    """
-
-    first: int
-    width: int
-    bias: torch.Tensor | None
-    extra: torch.Tensor
-    extra_bias: torch.Tensor | None
+from .layout import BandSplit, BlockLayout, Run, additive_bias
 
 
 def sliding_start(layout: BlockLayout, c0: int, c1: int, used: int) -> int | None:

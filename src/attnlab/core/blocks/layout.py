@@ -9,16 +9,32 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from . import sizes
 
-if TYPE_CHECKING:
-    from .bands import BandSplit
-
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class BandSplit:
+    """A run as a sliding band plus further blocks (see :func:`band_split`).
+
+    Query block c0 + i of the run visits key blocks ``first`` + i ...
+    ``first`` + i + ``width`` - 1 under one shared token mask ``bias`` [1, 1,
+    bq, width·bk] (None: fully visible), and besides them the fully visible key
+    blocks ``extra`` [Bl, Hl, c, E] (E may be 0). Rows with fewer than E further
+    blocks are padded with block 0, which ``extra_bias`` [Bl, Hl, c, 1, E·bk]
+    hides (-inf; None when no row is padded).
+    """
+
+    first: int
+    width: int
+    bias: torch.Tensor | None
+    extra: torch.Tensor
+    extra_bias: torch.Tensor | None
 
 
 @dataclass(frozen=True)
