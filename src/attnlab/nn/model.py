@@ -361,13 +361,14 @@ class TinyLM(nn.Module):
 
     # --- files -----------------------------------------------------------------------------
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, *, extra: dict[str, str] | None = None) -> None:
         """Write the weights as safetensors, with the constructor's arguments as JSON in the
-        file's metadata (key ``"config"``); no pickle."""
+        file's metadata (key ``"config"``) and ``extra`` string entries (a trainer's step and
+        metric); no pickle."""
         from safetensors.torch import save_file
 
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        metadata = {"format": FORMAT, "config": json.dumps(self.config)}
+        metadata = {**(extra or {}), "format": FORMAT, "config": json.dumps(self.config)}
         save_file(tensors, str(path), metadata=metadata)
 
     @classmethod
