@@ -121,6 +121,9 @@ def test_cross_attention():
     torch.testing.assert_close(layer(x[:, :2], context), out[:, :2])
     with pytest.raises(attnlab.AttnInputError, match="context"):
         layer(x)
+    no_cross = Attention(32, 4, mechanism="lightning", **tiny("lightning"), context_dim=20)
+    with pytest.raises(attnlab.AttnInputError, match="context: mechanism lightning"):
+        no_cross(x, context)
 
 
 def test_mix_runs_each_mechanism_on_its_heads():

@@ -250,6 +250,12 @@ class Attention(nn.Module):
                 raise AttnInputError(
                     f"context: expected batch size {x.shape[0]} of x, got {context.shape[0]}"
                 )
+            no_cross = [m.spec.name for m in self.mechanisms if not m.spec.cross]
+            if no_cross and context.shape[1] != x.shape[1]:
+                raise AttnInputError(
+                    f"context: mechanism {', '.join(no_cross)} has no cross-attention form, so "
+                    f"the context must have the length of x ({x.shape[1]}), got {context.shape[1]}"
+                )
         elif self.context_dim != self.dim:
             raise AttnInputError(
                 f"context: this layer has context_dim={self.context_dim} != dim={self.dim}, "
