@@ -58,10 +58,10 @@ def test_decode_equals_the_full_pass(kwargs):
     ids = torch.randint(0, 40, (2, 19))
     full = model(ids)
     cache = model.init_cache(2)
-    prefix, cache = model.step(ids[:, :5], cache, 0)
+    prefix, cache = model.step(ids[:, :5], cache)
     rows = [prefix]
     for i in range(5, 19):
-        logits, cache = model.step(ids[:, i : i + 1], cache, i)
+        logits, cache = model.step(ids[:, i : i + 1], cache)
         rows.append(logits)
     torch.testing.assert_close(torch.cat(rows, 1), full, atol=5e-5, rtol=1e-4)
 

@@ -294,13 +294,12 @@ class TinyLM(nn.Module):
         weight = self.norm.weight
         return [block.init_cache(batch, weight.dtype, weight.device) for block in self.blocks]
 
-    def step(self, inputs: torch.Tensor, cache: list[dict[str, Any]], position: int = 0):
+    def step(self, inputs: torch.Tensor, cache: list[dict[str, Any]]):
         """Logits of ``t`` new tokens ``inputs`` [B, t] given ``cache``; returns (logits, cache).
 
-        ``position`` is the number of tokens already in the cache (for learned
-        positions); stepping through a sequence in pieces equals :meth:`forward`.
+        Stepping through a sequence in pieces equals :meth:`forward`.
         """
-        x = self._embed(inputs, position)
+        x = self._embed(inputs, cache[0]["attn"]["position"])
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache, strict=True):
             x, layer_cache = block.step(x, layer_cache)
@@ -334,8 +333,8 @@ class TinyLM(nn.Module):
                 f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}"
             )
         cache = self.init_cache(ids.shape[0])
-        logits, cache = self.step(ids, cache, 0)
-        out, position = [ids], ids.shape[1]
+        logits, cache = self.step(ids, cache)
+        out = [ids]
         for i in range(max_new_tokens):
             last = logits[:, -1]
             if greedy:
@@ -345,8 +344,7 @@ class TinyLM(nn.Module):
                 token = torch.multinomial(probs, 1, generator=generator)
             out.append(token)
             if i + 1 < max_new_tokens:
-                logits, cache = self.step(token, cache, position)
-                position += 1
+                logits, cache = self.step(token, cache)
         return torch.cat(out, dim=1)
 
     def state_size(self, n: int) -> int:

@@ -25,14 +25,18 @@ class Rotary(nn.Module):
             raise AttnInputError(f"head_dim: rotary embedding needs an even width, got {head_dim}")
         self.head_dim = head_dim
         self.base = float(base)
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """Rotate ``x`` [B, H, N, D] whose first token sits at position ``offset``."""
-        n = x.shape[2]
+        """Rotate ``x`` [B, H, N, D] whose first token sits at position ``offset``.
+
+        Angles are computed in float64 on every call (no buffer that a cast of the
+        model to half precision could round), then cast to ``x``'s dtype.
+        """
+        n, d = x.shape[2], self.head_dim
+        pairs = torch.arange(0, d, 2, dtype=torch.float64, device=x.device)
+        inv_freq = self.base ** (-pairs / d)
         pos = torch.arange(offset, offset + n, dtype=torch.float64, device=x.device)
-        angles = pos[:, None] * self.inv_freq.to(x.device)[None]  # [N, D/2]
+        angles = pos[:, None] * inv_freq[None]  # [N, D/2]
         cos = torch.cos(angles).to(x.dtype)
         sin = torch.sin(angles).to(x.dtype)
         first, second = x[..., : self.head_dim // 2], x[..., self.head_dim // 2 :]

@@ -220,7 +220,8 @@ def train(
                         _save(model, config.checkpoint, step, metric, task)
                 if config.target is not None and metric >= config.target:
                     stopped = True
-            status = f"loss {loss_value:.3f}  {task.metric_name} {task.metric(outputs, batch):.3f}"
+            train_metric = task.metric(outputs.detach(), batch)
+            status = f"loss {loss_value:.3f}  {task.metric_name} {train_metric:.3f}"
             if history:
                 status += f"  held-out {metric:.3f}"
             bar.update(step, status)
