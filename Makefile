@@ -57,6 +57,7 @@ native: $(NATIVE)
 demo: $(STAMP) $(NATIVE)
 	$(BIN)/attnlab list
 	$(BIN)/attnlab bench speed --mechanisms softmax,chunked,online --n 1024,4096 --repeats 3 --out demo-out/bench-speed.json
+	$(BIN)/attnlab bench tasks --mechanisms softmax,linear --widths 32 --steps 300 --out demo-out/bench-tasks.json
 	$(BIN)/attnlab analyze --model smollm2 --tokens 512 --out demo-out
 
 lint: $(STAMP)

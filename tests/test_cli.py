@@ -302,3 +302,16 @@ def test_list_says_whether_the_kernels_run():
 
     result = runner.invoke(app, ["list"])
     assert result.exit_code == 0 and records.native_summary() in result.output
+
+
+def test_train_command_writes_the_enveloped_record(tmp_path):
+    """`attnlab train` trains a TinyLM on a tiny task and writes its result in the envelope;
+    a misspelt task gets a suggestion and exit 2."""
+    out = tmp_path / "train.json"
+    args = ["train", "--task", "associative-recall", "--dim", "16", "--layers", "1"]
+    result = runner.invoke(app, [*args, "--heads", "1", "--steps", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert record["schema"] and record["rows"][0]["steps"] == 3
+    bad = runner.invoke(app, ["train", "--task", "mqr"])
+    assert bad.exit_code == 2 and "did you mean mqar" in bad.output
