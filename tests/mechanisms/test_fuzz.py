@@ -35,7 +35,7 @@ from attnlab.core.config import DEFAULT_INT, INT_LIMIT, Bounds, field_specs
 
 from .contract import ALL, POISONS, blind_rows, compute_dtypes, poisoned
 
-EXAMPLES = int(os.environ.get("ATTNLAB_FUZZ_EXAMPLES", "4"))
+EXAMPLES = int(os.environ.get("ATTNLAB_FUZZ_EXAMPLES", "25"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -108,14 +108,14 @@ def _config(draw, cls):
     for field, (hint, bounds, _) in field_specs(cls.Config).items():
         kinds = [t for t in (typing.get_args(hint) or (hint,)) if t is not type(None)]
         if field == "form" and cls.forms:
-            if draw(st.integers(0, 3)) == 0:
+            if draw(st.integers(0, 3)) == 3:
                 options[field] = draw(st.sampled_from([*cls.forms, "nonsense"]))
                 if options[field] == "nonsense":
                     bad_field = bad_field or field
             continue
-        if len(kinds) != 1 or kinds[0] not in (bool, int, float) or draw(st.integers(0, 3)):
+        if len(kinds) != 1 or kinds[0] not in (bool, int, float) or draw(st.integers(0, 3)) != 3:
             continue  # tuples, text and unions keep tiny_config's value; most fields too
-        bad = bad_field is None and draw(st.integers(0, 5)) == 0
+        bad = bad_field is None and draw(st.integers(0, 9)) == 9
         if type(None) in typing.get_args(hint) and not bad and draw(st.booleans()):
             options[field] = draw(st.sampled_from([None, "none"]))
             continue
@@ -146,10 +146,10 @@ def _inputs(s, dtype, seed):
     return q, k, v.to(dtype)
 
 
-def _call(mech, q, k, v, causal, fields, outcomes, mask=None):
+def _call(mech, q, k, v, causal, fields, outcomes, mask=None, scale=None):
     """The output, or None where AttnInputError (naming an argument) refused the call."""
     try:
-        return mech(q, k, v, causal=causal, mask=mask)
+        return mech(q, k, v, causal=causal, mask=mask, scale=scale)
     except attnlab.AttnInputError as err:
         assert _names_an_argument(err, fields), f"message names no argument: {err}"
         outcomes["refused call"] += 1
@@ -177,8 +177,16 @@ def test_fuzz(name, data):
     mech = mech.to(dtype)
     s = data.draw(_shapes(spec), label="shapes")
     causal = s["causal"]
-    q, k, v = _inputs(s, dtype, seed=data.draw(st.integers(0, 2**16), label="seed"))
-    out = _call(mech, q, k, v, causal, fields, outcomes)
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    q, k, v = _inputs(s, dtype, seed)
+    mask = None
+    if spec.mask and data.draw(st.booleans(), label="masked"):
+        gen = torch.Generator().manual_seed(seed)
+        mask = torch.rand(s["b"], 1, s["nq"], s["nk"], generator=gen) > 0.3
+    scale = data.draw(st.one_of(st.none(), st.floats(-2.0, 2.0)), label="scale")
+    out = _call(mech, q, k, v, causal, fields, outcomes, mask=mask, scale=scale)
+    if scale is not None and scale <= 0 and mech.positive_scale:
+        assert out is None, f"{name} accepted scale={scale}"
     if out is None:
         return
     assert out.shape == (s["b"], s["hq"], s["nq"], s["dv"]) and out.dtype == dtype
@@ -193,17 +201,20 @@ def test_fuzz(name, data):
     bad = data.draw(st.sampled_from(POISONS), label="value")
     x = {"q": q, "k": k, "v": v}
     x[part] = poisoned(x[part], (sample, slice(None), position), bad)
-    dirty = mech(x["q"], x["k"], x["v"], causal=causal)
+    dirty = mech(x["q"], x["k"], x["v"], causal=causal, mask=mask, scale=scale)
     others = [i for i in range(s["b"]) if i != sample]
     torch.testing.assert_close(dirty[others], out[others])
-    if part != "q" and causal:
-        blind = blind_rows(s["nq"], s["nk"], position, causal=True)[0, 0]
+    if part != "q" and (causal or mask is not None):
+        blind = blind_rows(s["nq"], s["nk"], position, causal=causal, mask=mask)
+        blind = blind[sample if mask is not None else 0, 0]
         assert torch.isfinite(dirty[sample][:, blind]).all(), f"{name}: reached a blind row"
-    outcomes[f"isolated {part}"] += 1
+        outcomes["blind rows checked"] += int(blind.sum())
+    outcomes[f"isolated {part}" + (" +mask" if mask is not None else "")] += 1
 
     # module reuse: another shape, then the first call again gives the same output
     s2 = data.draw(_shapes(spec), label="second shapes")
     q2, k2, v2 = _inputs(s2, dtype, seed=1)
     _call(mech, q2, k2, v2, s2["causal"], fields, outcomes)
-    assert torch.equal(mech(q, k, v, causal=causal), out), f"{name}: eval mode not deterministic"
+    again = mech(q, k, v, causal=causal, mask=mask, scale=scale)
+    assert torch.equal(again, out), f"{name}: eval mode not deterministic"
     outcomes["deterministic"] += 1

@@ -7,7 +7,8 @@ each one against the field's annotation and bounds, in one place for every mecha
 - ``bool``: True or False, or the text true/false, 1/0, yes/no, on/off (any case);
 - ``int``: an integer (never a bool or a float), in [1, 2^31) unless the field declares
   other bounds with :func:`option`; text is parsed as a base-10 integer;
-- ``float``: a finite number (int or float, never a bool), within the field's bounds;
+- ``float``: a finite number (int or float, never a bool), within the field's bounds
+  (an option named ``eps`` is at least 1e-30 unless it declares otherwise);
 - ``str``: text; ``X | None``: None (or the text none/null) or an X;
 - ``tuple[T, ...]``: a tuple or list of T (or text "a,b,c").
 
@@ -64,6 +65,10 @@ def _number_text(x: float) -> str:
 # An int option counts something (a size, a number of blocks): at least 1, below 2^31.
 DEFAULT_INT = Bounds(1, INT_LIMIT, high_open=True)
 DEFAULT_FLOAT = Bounds()
+# Options whose name fixes their meaning: an ``eps`` guards a division or a root, so it is
+# positive, and at least 1e-30 so that float32 and bfloat16 (whose smallest normal number
+# is 1.2e-38) do not round it to zero (a field's own option() bounds win).
+NAMED_BOUNDS = {"eps": Bounds(1e-30, None)}
 
 
 def option(
@@ -231,7 +236,7 @@ def field_specs(config_cls: type) -> dict[str, tuple[Any, Bounds | None, Any]]:
     """Per field of a Config dataclass: (annotation, declared bounds or None, default)."""
     hints = typing.get_type_hints(config_cls)
     return {
-        f.name: (hints[f.name], f.metadata.get("bounds"), f.default)
+        f.name: (hints[f.name], f.metadata.get("bounds", NAMED_BOUNDS.get(f.name)), f.default)
         for f in dataclasses.fields(config_cls)
     }
 

@@ -8,7 +8,6 @@ from typing import ClassVar
 import torch
 
 from attnlab.core import Mechanism, Spec, register
-from attnlab.core.config import option
 from attnlab.core.masks import repeat_kv
 from attnlab.core.scan import acc_dtype, causal_scan, linear_attention
 
@@ -55,7 +54,7 @@ class Flow(Mechanism):
     class Config:
         form: str = "chunked"
         chunk: int | None = None
-        eps: float = option(1e-6, low=0, low_open=True)
+        eps: float = 1e-6  # at least 1e-30 (core.config.NAMED_BOUNDS)
 
     def _phi(self, q, k, v):
         acc = acc_dtype(q)

@@ -64,7 +64,7 @@ class InfSA(Mechanism):
     @dataclass
     class Config:
         rho: float = option(0.95, low=0, high=1, low_open=True, high_open=True)
-        eps: float = option(1e-6, low=0, low_open=True)
+        eps: float = 1e-6  # at least 1e-30 (core.config.NAMED_BOUNDS)
 
     def forward(self, q, k, v, *, causal=False, mask=None, scale=None):
         dt = acc_dtype(q.dtype)
