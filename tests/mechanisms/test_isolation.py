@@ -57,14 +57,16 @@ def test_non_finite_sample_reaches_no_other_sample(case, grad):
         for mech in _builds(name):
             mech = mech.to(dtype)
             clean = _run(mech, q, k, v, causal=causal, grad=grad)
-            for part in "qkv":
-                for bad in POISONS:
-                    x = {"q": q, "k": k, "v": v}
-                    x[part] = poisoned(x[part], (1, slice(None), -1), bad)
-                    out = _run(mech, x["q"], x["k"], x["v"], causal=causal, grad=grad)
-                    where = f"{name} {dtype} {mech.config}: {bad} in {part} of sample 1"
-                    assert torch.isfinite(out[0]).all(), where
-                    torch.testing.assert_close(out[0], clean[0], msg=where)
+            # the last token of the first sample and the first token of the last one
+            for sample, position, other in ((0, -1, 1), (1, 0, 0)):
+                for part in "qkv":
+                    for bad in POISONS:
+                        x = {"q": q, "k": k, "v": v}
+                        x[part] = poisoned(x[part], (sample, slice(None), position), bad)
+                        out = _run(mech, x["q"], x["k"], x["v"], causal=causal, grad=grad)
+                        where = f"{name} {dtype} {mech.config}: {bad} in {part} of {sample}"
+                        assert torch.isfinite(out[other]).all(), where
+                        torch.testing.assert_close(out[other], clean[other], msg=where)
 
 
 CAUSAL_CASES = [c for c in CASES if c[1]]
