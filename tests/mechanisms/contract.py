@@ -104,3 +104,30 @@ def budget(q, k, v, *, causal, mask=None) -> float:
     """Error allowed to a mechanism: a small multiple of eager PyTorch's own error."""
     floor = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float64: 1e-12}[q.dtype]
     return 8 * max(eager_error(q, k, v, causal=causal, mask=mask), floor)
+
+
+POISONS = (float("nan"), float("inf"), float("-inf"))
+
+
+def compute_dtypes(name: str) -> list[torch.dtype]:
+    """The dtypes among float32, float64 and bfloat16 that the mechanism computes in."""
+    wanted = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+    return [dt for key, dt in wanted.items() if key in attnlab.spec(name).dtypes]
+
+
+def poisoned(t: torch.Tensor, index, value: float) -> torch.Tensor:
+    """A copy of t with ``value`` (NaN or an infinity) written at ``index``."""
+    out = t.detach().clone()
+    out[index] = value
+    return out
+
+
+def blind_rows(nq: int, nk: int, position: int, *, causal: bool, mask=None) -> torch.Tensor:
+    """Bool [B|1, 1|H, Nq]: query rows that may not attend key ``position``, under the
+    bottom-right causal mask when ``causal`` and under ``mask`` [B|1, 1|H, Nq, Nk]."""
+    blind = torch.zeros(1, 1, nq, dtype=torch.bool)
+    if causal:
+        blind = blind | ~attnlab.core.masks.causal_mask(nq, nk)[None, None, :, position]
+    if mask is not None:
+        blind = blind | ~mask[..., position]
+    return blind

@@ -124,7 +124,7 @@ def test_softplus_rejects_bad_options():
     with pytest.raises(attnlab.AttnInputError, match=r"^power:"):
         attnlab.get("softplus", power=0)
     with pytest.raises(attnlab.AttnInputError, match=r"^reweight:"):
-        attnlab.get("softplus", reweight="yes")
+        attnlab.get("softplus", reweight="perhaps")
 
 
 # ---------------------------------------------------------------- affine

@@ -1,10 +1,12 @@
 """`Mechanism`: the base class every attention mechanism derives from.
 
-A mechanism is an ``nn.Module`` built from a ``Config`` dataclass. Calling it
-checks the input against the tensor contract (:mod:`.checks`), asks the mechanism
-what it cannot do (:meth:`Mechanism.unsupported`), clears padded keys and
-values, and only then runs :meth:`forward` with a resolved float ``scale`` and
-a 4-d bool ``mask`` (or None).
+A mechanism is an ``nn.Module`` built from a ``Config`` dataclass (every option checked
+by :func:`attnlab.core.config.build_config`). Calling it checks the input against the
+tensor contract (:mod:`.checks`), asks the mechanism what it cannot do
+(:meth:`Mechanism.unsupported`), clears padded keys and values, and only then runs
+:meth:`forward` with a resolved float ``scale`` and a 4-d bool ``mask`` (or None). A
+non-finite query, key or value reaches only the rows that may see it
+(:func:`attnlab.core.masks.isolate_non_finite`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import torch
 from torch import nn
 
 from .checks import FLOAT_DTYPES, check_causal, check_mask, check_qkv, check_scale
+from .config import build_config
 from .errors import AttnInputError
-from .masks import zero_dead_keys
+from .masks import isolate_non_finite, zero_dead_keys
 from .spec import Spec
 
 
@@ -30,27 +33,39 @@ class Mechanism(nn.Module):
 
     - ``unsupported(q, k, v, *, causal, mask)``: extra reasons it cannot run
       (call ``super().unsupported`` first);
-    - ``limit(n)``: the Config under which an approximate mechanism equals exact
+    - :meth:`limit`: the Config under which an approximate mechanism equals exact
       softmax attention at sequence length ``n``;
-    - ``reference(q, k, v, *, causal, mask, scale)``: the mechanism's own
-      definition computed densely in float64, for mechanisms that are not
-      approximations of softmax (sigmoid, linear, ...);
-    - ``tiny_config``: options under which tiny test inputs still cross
+    - :meth:`reference`: the mechanism's own definition computed densely, for
+      mechanisms that are not approximations of softmax (sigmoid, linear, ...);
+    - :attr:`tiny_config`: options under which tiny test inputs still cross
       block or chunk boundaries;
     - ``forms``: names of the algorithm's alternative forms (parallel, chunked,
       recurrent, ...) selected by ``Config.form``; ``backends``: names of the
       places it can run (auto, torch, flex, ...) selected by ``Config.backend``;
       the contract tests check that all forms and all backends agree;
+    - ``positive_scale``: True where the mechanism takes ``sqrt(scale)`` (feature
+      maps of ``q·sqrt(scale)``), so that a scale <= 0 is refused;
     - ``init_state``/``step``/``state_size`` for mechanisms with a cached or
       recurrent form (``spec.decode``).
+
+    Config fields are checked from their annotations (:mod:`attnlab.core.config`):
+    an ``int`` lies in [1, 2^31) and a ``float`` is finite unless the field declares
+    other bounds with :func:`attnlab.core.config.option`; ``__post_init__`` holds the
+    rules that relate several fields.
+
+    A mechanism starts in eval mode, in which it is deterministic: identical calls give
+    identical outputs and running statistics (affine's moving average of α, routing's
+    centroids) stay as they are. ``.train()`` lets them move, from finite inputs only.
     """
 
     spec: ClassVar[Spec]
     forms: ClassVar[tuple[str, ...]] = ()
     backends: ClassVar[tuple[str, ...]] = ()
-    # Config options that exercise the mechanism's blocking on tiny inputs
-    # (a few dozen tokens); the contract tests build it with them.
+    positive_scale: ClassVar[bool] = False
     tiny_config: ClassVar[dict[str, Any]] = {}
+    """Config options under which tiny test inputs (a few dozen tokens) still cross the
+    mechanism's block, chunk or window boundaries; the contract tests and the fuzz suite
+    build every mechanism with them."""
 
     @dataclass
     class Config:
@@ -65,13 +80,7 @@ class Mechanism(nn.Module):
                 f"{', '.join(self.backends)}); pass backend={config['form']!r}, got form="
                 f"{config['form']!r}"
             )
-        unknown = sorted(set(config) - set(fields))
-        if unknown:
-            raise AttnInputError(
-                f"config: mechanism {self.spec.name!r} has no option {', '.join(unknown)}; "
-                f"its options are: {', '.join(fields) or 'none'}"
-            )
-        self.config = self.Config(**config)
+        self.config = build_config(self.Config, config, mechanism=self.spec.name)
         if self.forms and getattr(self.config, "form", None) not in self.forms:
             raise AttnInputError(
                 f"form: expected one of {', '.join(self.forms)}, got {self.config.form!r}"
@@ -80,6 +89,7 @@ class Mechanism(nn.Module):
             raise AttnInputError(
                 f"backend: expected one of {', '.join(self.backends)}, got {self.config.backend!r}"
             )
+        self.train(False)
 
     def __call__(
         self,
@@ -95,11 +105,30 @@ class Mechanism(nn.Module):
         causal = check_causal(causal)
         mask4 = check_mask(mask, b, hq, nq, nk, q.device)
         scale = check_scale(scale, d)
+        if self.positive_scale and scale <= 0:
+            raise AttnInputError(
+                f"scale: expected a positive number ({self.spec.name!r} maps q·sqrt(scale) "
+                f"and k·sqrt(scale) to features), got {scale!r}"
+            )
         reasons = self.unsupported(q, k, v, causal=causal, mask=mask4)
         if reasons:
             raise AttnInputError(f"mechanism {self.spec.name!r} cannot run: " + "; ".join(reasons))
         k, v = zero_dead_keys(k, v, mask4)
-        return super().__call__(q, k, v, causal=causal, mask=mask4, scale=scale)
+        out = super().__call__(q, k, v, causal=causal, mask=mask4, scale=scale)
+        if torch.isfinite(out.detach().sum()):  # the common case: nothing to isolate
+            return out
+
+        def rerun(q, k, v):
+            training = self.training
+            self.train(False)  # running statistics moved once, in the first pass
+            try:
+                return super(Mechanism, self).__call__(
+                    q, k, v, causal=causal, mask=mask4, scale=scale
+                )
+            finally:
+                self.train(training)
+
+        return isolate_non_finite(rerun, out, q, k, v, causal=causal, mask=mask4)
 
     def unsupported(
         self,
@@ -130,6 +159,25 @@ class Mechanism(nn.Module):
         if (q.requires_grad or k.requires_grad or v.requires_grad) and not spec.backward:
             reasons.append("q, k, v: this mechanism has no backward; call it without gradients")
         return reasons
+
+    def reference(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool,
+        mask: torch.Tensor | None,
+        scale: float,
+    ) -> torch.Tensor | None:
+        """The mechanism's own definition, computed densely (N x N) in the inputs' dtype.
+
+        Mechanisms that are a different model from softmax (sigmoid, linear, Based, ...)
+        override it; the contract tests compare the mechanism with it in float64. The base
+        returns None: the mechanism approximates softmax, and :meth:`limit` says where it
+        equals it.
+        """
+        return None
 
     def limit(self, n: int) -> Any:
         """The Config under which this mechanism equals exact attention at length ``n``.

@@ -76,8 +76,23 @@ def spec(name: str) -> Spec:
 
 
 def get(name: str, **config: Any) -> Mechanism:
-    """Build the mechanism ``name`` with its Config options, e.g. ``get("window", window=128)``."""
+    """Build the mechanism ``name`` with its Config options, e.g. ``get("window", window=128)``.
+
+    Every option is checked against the Config's annotations and bounds (text such as
+    ``"false"`` or ``"128"`` from a command line is parsed strictly). The module comes in
+    eval mode, deterministic from call to call; ``.train()`` lets its running statistics
+    move (see :class:`Mechanism`).
+    """
     return mechanism_class(name)(**config)
+
+
+# torch SDPA's keywords, and what attnlab calls them.
+_SDPA_KEYWORDS = {
+    "is_causal": "causal=True|False",
+    "attn_mask": "mask= (a bool tensor, True = may attend)",
+    "dropout_p": "no dropout (attnlab computes attention only; apply dropout outside)",
+    "enable_gqa": "nothing: grouped-query heads (Hkv dividing Hq) are always accepted",
+}
 
 
 def attention(
@@ -94,6 +109,14 @@ def attention(
     """Attention of q over (k, v) by the named mechanism: the functional face of attnlab.
 
     Shapes follow ``torch.nn.functional.scaled_dot_product_attention``:
-    q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] -> [B, Hq, Nq, Dv].
+    q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] -> [B, Hq, Nq, Dv]. SDPA's own
+    keywords (``is_causal``, ``attn_mask``) are refused with attnlab's names. The module is
+    built for this call and run in eval mode: no running statistic moves.
     """
-    return get(mechanism, **config)(q, k, v, causal=causal, mask=mask, scale=scale)
+    for keyword, ours in _SDPA_KEYWORDS.items():
+        if keyword in config:
+            raise AttnInputError(
+                f"{keyword}: torch SDPA's keyword is not an attnlab option; attnlab takes {ours}"
+            )
+    mech = get(mechanism, **config).eval()
+    return mech(q, k, v, causal=causal, mask=mask, scale=scale)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from .masks import repeat_kv, slice_mask
+from .masks import divide_or_zero, repeat_kv, slice_mask
 
 ScoreMod = Callable[[torch.Tensor, slice, slice], torch.Tensor]
 Weight = Callable[[torch.Tensor], torch.Tensor]
@@ -105,9 +105,7 @@ def tiled_attention(
                 acc = acc + w @ v[:, :, ks]
         if softmax or normalise:
             row_sum = acc[..., dv:]
-            acc = torch.where(
-                row_sum > 0, acc[..., :dv] / row_sum.clamp_min(torch.finfo(acc.dtype).tiny), 0.0
-            )
+            acc = divide_or_zero(acc[..., :dv], row_sum)
         out_tiles.append(acc)
     return torch.cat(out_tiles, dim=2).to(q.dtype)
 

@@ -9,8 +9,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from attnlab.core import AttnInputError, Mechanism, Spec, register
-from attnlab.core.checks import check_nonnegative, check_positive_int
+from attnlab.core import Mechanism, Spec, register
+from attnlab.core.config import option
 from attnlab.core.masks import repeat_kv
 from attnlab.core.mechanism import KVCacheDecode
 from attnlab.core.tiled import tiled_attention
@@ -21,12 +21,6 @@ from ._rows import dense_scores, masked_softmax, visible_count, visible_sum
 def linear_clipping(x: torch.Tensor) -> torch.Tensor:
     """The paper's scale activation (Eq. 11): 0.1·x + 0.5 clipped to [0, 1]."""
     return (0.1 * x + 0.5).clamp(0.0, 1.0)
-
-
-def _unit_interval(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise AttnInputError(f"{name}: expected a number in [0, 1], got {value!r}")
-    return float(value)
 
 
 @register
@@ -82,21 +76,11 @@ class Affine(KVCacheDecode, Mechanism):
     class Config:
         heads: int | None = None  # query heads; None: sized on the first call
         head_dim: int | None = None  # D; None: sized on the first call
-        momentum: float = 0.9  # ρ of the moving average of α (Eq. 9)
-        init_alpha: float = 1.0  # α (and α_ma) at initialisation
-        init_std: float = 0.0  # std of the initial gate weights w_h
+        momentum: float = option(0.9, low=0, high=1)  # ρ of the moving average of α (Eq. 9)
+        init_alpha: float = option(1.0, low=0, high=1)  # α (and α_ma) at initialisation
+        init_std: float = option(0.0, low=0)  # std of the initial gate weights w_h
         block_q: int = 512
         block_k: int = 1024
-
-        def __post_init__(self):
-            for name in ("heads", "head_dim"):
-                if getattr(self, name) is not None:
-                    check_positive_int(name, getattr(self, name))
-            _unit_interval("momentum", self.momentum)
-            _unit_interval("init_alpha", self.init_alpha)
-            check_nonnegative("init_std", self.init_std)
-            check_positive_int("block_q", self.block_q)
-            check_positive_int("block_k", self.block_k)
 
     def __init__(self, **config):
         super().__init__(**config)
@@ -149,11 +133,19 @@ class Affine(KVCacheDecode, Mechanism):
         return linear_clipping(logit)[..., None]
 
     def _moving_average(self, alpha: torch.Tensor) -> torch.Tensor:
-        """α_ma per head as [H, 1, 1]; in training mode, first updated with this batch (Eq. 9)."""
+        """α_ma per head as [H, 1, 1]; in training mode, first updated with this batch (Eq. 9).
+
+        The batch mean is taken over the finite α only (a NaN query gives a NaN α), and a
+        head with none keeps its α_ma, so one bad input never leaves the statistic NaN."""
         if self.training:
             rho = self.config.momentum
-            batch_mean = alpha.detach().mean(dim=(0, 2, 3)).to(self.alpha_ma.dtype)
-            self.alpha_ma.mul_(rho).add_((1 - rho) * batch_mean)
+            a = alpha.detach().to(self.alpha_ma.dtype)
+            finite = torch.isfinite(a)
+            count = finite.sum(dim=(0, 2, 3))
+            total = torch.where(finite, a, 0.0).sum(dim=(0, 2, 3))
+            batch_mean = total / count.clamp_min(1)
+            moved = self.alpha_ma * rho + (1 - rho) * batch_mean
+            self.alpha_ma.copy_(torch.where(count > 0, moved, self.alpha_ma))
         return self.alpha_ma.to(alpha.dtype)[:, None, None]
 
     def forward(self, q, k, v, *, causal=False, mask=None, scale=None):

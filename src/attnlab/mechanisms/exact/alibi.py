@@ -72,10 +72,6 @@ class ALiBi(KVCacheDecode, Mechanism):
         block_q: int = 512
         block_k: int = 1024
 
-        def __post_init__(self):
-            check_positive_int("block_q", self.block_q)
-            check_positive_int("block_k", self.block_k)
-
     @staticmethod
     def slopes(heads: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
         """The slopes as a [H, 1, 1] tensor, ready to scale a [B, H, tq, tk] tile."""

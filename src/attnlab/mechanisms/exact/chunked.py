@@ -8,8 +8,7 @@ from typing import ClassVar
 import torch
 
 from attnlab.core import Mechanism, Spec, register
-from attnlab.core.checks import check_positive_int
-from attnlab.core.masks import repeat_kv, slice_mask
+from attnlab.core.masks import divide_or_zero, repeat_kv, seen, slice_mask
 from attnlab.core.mechanism import KVCacheDecode
 
 
@@ -76,12 +75,9 @@ class _ChunkedAttention(torch.autograd.Function):
             m_safe = m_all.masked_fill(torch.isinf(m_all), 0.0)
             total_v = sum(val * torch.exp(m - m_safe) for val, m in zip(values, maxes, strict=True))
             total_s = sum(sm * torch.exp(m - m_safe) for sm, m in zip(sums, maxes, strict=True))
-            seen = total_s > 0
-            out[:, :, qs] = torch.where(
-                seen, total_v / total_s.clamp_min(torch.finfo(total_s.dtype).tiny), 0.0
-            ).to(q.dtype)
+            out[:, :, qs] = divide_or_zero(total_v, total_s).to(q.dtype)
             lse[:, :, qs] = torch.where(
-                seen,
+                seen(total_s),
                 m_safe + torch.log(total_s.clamp_min(torch.finfo(total_s.dtype).tiny)),
                 float("-inf"),
             )
@@ -144,10 +140,6 @@ class Chunked(KVCacheDecode, Mechanism):
     class Config:
         query_chunk: int = 1024
         key_chunk: int = 4096
-
-        def __post_init__(self):
-            check_positive_int("query_chunk", self.query_chunk)
-            check_positive_int("key_chunk", self.key_chunk)
 
     def forward(self, q, k, v, *, causal=False, mask=None, scale=None):
         groups = q.shape[1] // k.shape[1]

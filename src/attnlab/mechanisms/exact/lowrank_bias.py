@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from attnlab.core import AttnInputError, Mechanism, Spec, register
-from attnlab.core.checks import check_nonnegative, check_positive_int
+from attnlab.core.checks import check_positive_int
+from attnlab.core.config import option
 from attnlab.core.masks import repeat_kv
 from attnlab.core.mechanism import KVCacheDecode
 from attnlab.core.tiled import tiled_attention
@@ -67,18 +68,10 @@ class LowRankBias(KVCacheDecode, Mechanism):
         rank: int = 16  # R
         max_len: int = 4096  # positions with learned factors
         heads: int = 1  # 1: one bias shared by all heads; else Hq
-        init_std: float = 0.0  # std of the initial bias entries
+        init_std: float = option(0.0, low=0)  # std of the initial bias entries
         backend: str = "sdpa"  # sdpa: torch's fused kernels; tiled: the shared tiled kernel
         block_q: int = 512
         block_k: int = 1024
-
-        def __post_init__(self):
-            check_positive_int("rank", self.rank)
-            check_positive_int("max_len", self.max_len)
-            check_positive_int("heads", self.heads)
-            check_nonnegative("init_std", self.init_std)
-            check_positive_int("block_q", self.block_q)
-            check_positive_int("block_k", self.block_k)
 
     def __init__(self, **config):
         super().__init__(**config)

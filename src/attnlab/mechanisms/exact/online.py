@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from attnlab.core import Mechanism, Spec, register
-from attnlab.core.checks import check_positive_int
 from attnlab.core.mechanism import KVCacheDecode
 from attnlab.core.tiled import tiled_attention
 
@@ -37,10 +36,6 @@ class Online(KVCacheDecode, Mechanism):
     class Config:
         block_q: int = 256
         block_k: int = 1024
-
-        def __post_init__(self):
-            check_positive_int("block_q", self.block_q)
-            check_positive_int("block_k", self.block_k)
 
     def forward(self, q, k, v, *, causal=False, mask=None, scale=None):
         return tiled_attention(

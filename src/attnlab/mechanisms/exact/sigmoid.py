@@ -9,7 +9,6 @@ from typing import ClassVar
 import torch
 
 from attnlab.core import AttnInputError, Mechanism, Spec, register
-from attnlab.core.checks import check_positive_int
 from attnlab.core.mechanism import KVCacheDecode
 from attnlab.core.tiled import tiled_attention
 
@@ -52,12 +51,6 @@ class Sigmoid(KVCacheDecode, Mechanism):
         length: int | None = None  # n in b = -log(n); None: the call's Nk
         block_q: int = 512
         block_k: int = 1024
-
-        def __post_init__(self):
-            if self.length is not None:
-                check_positive_int("length", self.length)
-            check_positive_int("block_q", self.block_q)
-            check_positive_int("block_k", self.block_k)
 
     def bias(self, nk: int) -> float:
         """The sigmoid bias ``b = -log(n)`` for a call with ``nk`` keys."""

@@ -9,8 +9,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from attnlab.core import AttnInputError, Mechanism, Spec, register
-from attnlab.core.checks import check_positive_int
+from attnlab.core import Mechanism, Spec, register
+from attnlab.core.config import option
+from attnlab.core.masks import divide_or_zero
 from attnlab.core.mechanism import KVCacheDecode
 from attnlab.core.tiled import tiled_attention
 
@@ -69,22 +70,9 @@ class Softplus(KVCacheDecode, Mechanism):
     @dataclass
     class Config:
         reweight: bool = False  # LSSAR: sharpen by ReLU(A·N - O)^p and renormalise
-        power: float = 15.0  # p of the re-weighting
+        power: float = option(15.0, low=0, low_open=True)  # p of the re-weighting
         block_q: int = 512
         block_k: int = 1024
-
-        def __post_init__(self):
-            if not isinstance(self.reweight, bool):
-                raise AttnInputError(f"reweight: expected True or False, got {self.reweight!r}")
-            if (
-                isinstance(self.power, bool)
-                or not isinstance(self.power, (int, float))
-                or not math.isfinite(self.power)
-                or self.power <= 0
-            ):
-                raise AttnInputError(f"power: expected a positive number, got {self.power!r}")
-            check_positive_int("block_q", self.block_q)
-            check_positive_int("block_k", self.block_k)
 
     def forward(self, q, k, v, *, causal=False, mask=None, scale=None):
         nq, nk, d = q.shape[2], k.shape[2], q.shape[3]
@@ -133,5 +121,5 @@ class Softplus(KVCacheDecode, Mechanism):
             o = (n > _NO_OFFSET_ROWS).to(q.dtype)
             a = torch.relu(a * n - o) ** self.config.power * allowed
             total = a.sum(dim=-1, keepdim=True)
-            a = torch.where(total > 0, a / total.clamp_min(torch.finfo(q.dtype).tiny), 0.0)
+            a = divide_or_zero(a, total)
         return a @ v

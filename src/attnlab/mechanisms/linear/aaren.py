@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.core import Mechanism, Spec, register
-from attnlab.core.checks import check_positive_int
-from attnlab.core.masks import repeat_kv, slice_mask
+from attnlab.core.masks import divide_or_zero, repeat_kv, slice_mask
 from attnlab.core.mechanism import KVCacheDecode
 
 from ._memory import acc_dtype
@@ -54,8 +53,8 @@ def prefix_scan(m: torch.Tensor, u: torch.Tensor, w: torch.Tensor):
 
 
 def _read(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """u / w, with rows that saw no key (w = 0) giving zeros."""
-    return u / torch.where(w > 0, w, torch.ones((), dtype=w.dtype)).unsqueeze(-1)
+    """u / w, with rows that saw no key (w = 0) giving zeros (and a NaN w staying NaN)."""
+    return divide_or_zero(u, w.unsqueeze(-1))
 
 
 def many_to_many(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float):
@@ -115,10 +114,6 @@ class Aaren(KVCacheDecode, Mechanism):
         block_q: int = 256
         block_k: int = 256
         form: str = "scan"
-
-        def __post_init__(self):
-            check_positive_int("block_q", self.block_q)
-            check_positive_int("block_k", self.block_k)
 
     def forward(self, q, k, v, *, causal=False, mask=None, scale=None):
         dt = acc_dtype(q.dtype)

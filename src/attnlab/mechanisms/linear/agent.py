@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.core import Mechanism, Spec, register
-from attnlab.core.checks import check_positive_int
 from attnlab.core.masks import repeat_kv
 from attnlab.core.scan import acc_dtype
 
@@ -42,9 +41,6 @@ class Agent(Mechanism):
     @dataclass
     class Config:
         agents: int = 49
-
-        def __post_init__(self):
-            check_positive_int("agents", self.agents)
 
     def unsupported(self, q, k, v, *, causal=False, mask=None):
         reasons = super().unsupported(q, k, v, causal=causal, mask=mask)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.core import Mechanism, Spec, native, register
-from attnlab.core.checks import check_positive_int
+from attnlab.core.config import option
 from attnlab.core.masks import repeat_kv
 from attnlab.core.scan import acc_dtype, block_plan, choose_chunk
 
@@ -158,21 +158,15 @@ class Based(SeededDraws, Mechanism):
     )
     forms: ClassVar[tuple[str, ...]] = ("chunked", "parallel", "recurrent")
     tiny_config: ClassVar[dict] = {"chunk": 5, "window": 4, "feature_dim": 4}
+    positive_scale: ClassVar[bool] = True  # features of q·sqrt(scale), k·sqrt(scale)
 
     @dataclass
     class Config:
         window: int = 64
         feature_dim: int | None = 16
-        seed: int = 0
+        seed: int = option(0, low=0)
         form: str = "chunked"
         chunk: int | None = None
-
-        def __post_init__(self):
-            check_positive_int("window", self.window)
-            if self.feature_dim is not None:
-                check_positive_int("feature_dim", self.feature_dim)
-            if self.chunk is not None:
-                check_positive_int("chunk", self.chunk)
 
     def __init__(self, **config):
         super().__init__(**config)

@@ -8,8 +8,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from attnlab.core import AttnInputError, Mechanism, Spec, register
-from attnlab.core.checks import check_positive_int
+from attnlab.core import Mechanism, Spec, register
+from attnlab.core.config import option
 from attnlab.core.masks import repeat_kv
 
 from ._memory import acc_dtype, align_causal, chunk_size, l2_normalise
@@ -139,19 +139,9 @@ class Delta(Mechanism):
 
     @dataclass
     class Config:
-        beta: float = 0.5
+        beta: float = option(0.5, low=0, high=2, low_open=True)
         chunk: int | None = None
         form: str = "chunked"
-
-        def __post_init__(self):
-            if (
-                isinstance(self.beta, bool)
-                or not isinstance(self.beta, (int, float))
-                or not 0 < self.beta <= 2
-            ):
-                raise AttnInputError(f"beta: expected a number in (0, 2], got {self.beta!r}")
-            if self.chunk is not None:
-                check_positive_int("chunk", self.chunk)
 
     def _prepare(self, q, k, v, scale):
         dt = acc_dtype(q.dtype)

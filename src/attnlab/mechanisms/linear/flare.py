@@ -7,8 +7,8 @@ from typing import ClassVar
 
 import torch
 
-from attnlab.core import AttnInputError, Mechanism, Spec, register
-from attnlab.core.checks import check_positive_int
+from attnlab.core import Mechanism, Spec, register
+from attnlab.core.config import option
 from attnlab.core.masks import repeat_kv
 
 from ._memory import acc_dtype, seeded_normal
@@ -54,12 +54,7 @@ class Flare(Mechanism):
     @dataclass
     class Config:
         latents: int = 64
-        seed: int = 0
-
-        def __post_init__(self):
-            check_positive_int("latents", self.latents)
-            if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-                raise AttnInputError(f"seed: expected an integer, got {self.seed!r}")
+        seed: int = option(0, low=0)
 
     def latent_queries(self, heads: int, head_dim: int, *, device, dtype) -> torch.Tensor:
         """The fixed latent queries [H, M, D] of the first ``heads`` query heads."""

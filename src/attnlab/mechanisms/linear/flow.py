@@ -8,7 +8,6 @@ from typing import ClassVar
 import torch
 
 from attnlab.core import Mechanism, Spec, register
-from attnlab.core.checks import check_positive_int
 from attnlab.core.masks import repeat_kv
 from attnlab.core.scan import acc_dtype, causal_scan, linear_attention
 
@@ -55,11 +54,7 @@ class Flow(Mechanism):
     class Config:
         form: str = "chunked"
         chunk: int | None = None
-        eps: float = 1e-6
-
-        def __post_init__(self):
-            if self.chunk is not None:
-                check_positive_int("chunk", self.chunk)
+        eps: float = 1e-6  # at least 1e-30 (core.config.NAMED_BOUNDS)
 
     def _phi(self, q, k, v):
         acc = acc_dtype(q)

@@ -8,8 +8,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from attnlab.core import AttnInputError, Mechanism, Spec, register
-from attnlab.core.checks import check_positive_int
+from attnlab.core import Mechanism, Spec, register
+from attnlab.core.config import option
 from attnlab.core.masks import repeat_kv
 
 from ._memory import acc_dtype, align_causal, chunk_size, seeded_normal
@@ -157,23 +157,10 @@ class GatedSlot(Mechanism):
     @dataclass
     class Config:
         slots: int = 64
-        tau: float = 8.0
-        seed: int = 0
+        tau: float = option(8.0, low=0, low_open=True)
+        seed: int = option(0, low=0)
         chunk: int | None = None
         form: str = "chunked"
-
-        def __post_init__(self):
-            check_positive_int("slots", self.slots)
-            if (
-                isinstance(self.tau, bool)
-                or not isinstance(self.tau, (int, float))
-                or self.tau <= 0
-            ):
-                raise AttnInputError(f"tau: expected a positive number, got {self.tau!r}")
-            if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-                raise AttnInputError(f"seed: expected an integer, got {self.seed!r}")
-            if self.chunk is not None:
-                check_positive_int("chunk", self.chunk)
 
     def log_gates(self, k: torch.Tensor) -> torch.Tensor:
         """log α_t = log σ(k_t W_α) / τ, [.., N, m] for keys [.., N, D]."""

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from attnlab.core import AttnInputError, Mechanism, Spec, register
+from attnlab.core import Mechanism, Spec, register
+from attnlab.core.config import option
 from attnlab.core.masks import repeat_kv
 
 from ._memory import acc_dtype
@@ -62,18 +63,8 @@ class InfSA(Mechanism):
 
     @dataclass
     class Config:
-        rho: float = 0.95
-        eps: float = 1e-6
-
-        def __post_init__(self):
-            for name in ("rho", "eps"):
-                value = getattr(self, name)
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise AttnInputError(f"{name}: expected a number, got {value!r}")
-            if not 0 < self.rho < 1:
-                raise AttnInputError(f"rho: expected a number in (0, 1), got {self.rho!r}")
-            if self.eps <= 0:
-                raise AttnInputError(f"eps: expected a positive number, got {self.eps!r}")
+        rho: float = option(0.95, low=0, high=1, low_open=True, high_open=True)
+        eps: float = 1e-6  # at least 1e-30 (core.config.NAMED_BOUNDS)
 
     def forward(self, q, k, v, *, causal=False, mask=None, scale=None):
         dt = acc_dtype(q.dtype)

@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.core import Mechanism, Spec, register
-from attnlab.core.checks import check_positive_int
-from attnlab.core.masks import causal_mask, repeat_kv
+from attnlab.core.masks import causal_mask, divide_or_zero, repeat_kv
 
 from ._memory import acc_dtype, align_causal, chunk_size
 
@@ -74,7 +73,7 @@ def latte_chunked(p, kl, v, chunk: int):
         norm = norm * carry[:, :, i] + local_z[:, :, i]
     acc0, norm0 = torch.stack(accs, dim=2), torch.stack(norms, dim=2)
     den = (norm0 * carry).unsqueeze(3) + ek.cumsum(dim=3)  # [B, H, nc, c, L]
-    coef = torch.where(den > 0, pc / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
+    coef = divide_or_zero(pc, den)
     tri = torch.ones(chunk, chunk, dtype=torch.bool, device=kl.device).tril()
     mix = (coef @ ek.transpose(-1, -2)).masked_fill(~tri, 0.0)
     out = (coef * carry.unsqueeze(3)) @ acc0 + mix @ vc
@@ -161,10 +160,6 @@ class Latte(Mechanism):
     class Config:
         chunk: int | None = None
         form: str = "chunked"
-
-        def __post_init__(self):
-            if self.chunk is not None:
-                check_positive_int("chunk", self.chunk)
 
     def _latents(self, q, k, v, scale):
         dt = acc_dtype(q.dtype)

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.core import Spec, register
-from attnlab.core.checks import check_positive_int
 
 from ._featuremap import FeatureMapAttention
 
@@ -40,10 +39,6 @@ class Linear(FeatureMapAttention):
     class Config:
         form: str = "chunked"
         chunk: int | None = None
-
-        def __post_init__(self):
-            if self.chunk is not None:
-                check_positive_int("chunk", self.chunk)
 
     def features(self, x, scale, *, query):
         """elu(x) + 1; without autograd as min(exp(x), 1) + max(x, 0), in place (the same

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from attnlab.core import Spec, register
-from attnlab.core.checks import check_positive_int
+from attnlab.core.config import option
 from attnlab.core.scan import causal_scan
 
 from ._featuremap import FeatureMapAttention, SeededDraws, orthogonal_gaussian
@@ -42,19 +42,15 @@ class Performer(SeededDraws, FeatureMapAttention):
         complexity="O(N·M·D)",
     )
     tiny_config: ClassVar[dict] = {"chunk": 5, "features": 16}
+    positive_scale: ClassVar[bool] = True  # features of q·sqrt(scale), k·sqrt(scale)
     token_features: ClassVar[bool] = False  # keys share one stabiliser over the sequence
 
     @dataclass
     class Config:
         features: int = 256
-        seed: int = 0
+        seed: int = option(0, low=0)
         form: str = "chunked"
         chunk: int | None = None
-
-        def __post_init__(self):
-            check_positive_int("features", self.features)
-            if self.chunk is not None:
-                check_positive_int("chunk", self.chunk)
 
     def __init__(self, **config):
         super().__init__(**config)

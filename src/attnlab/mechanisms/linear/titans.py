@@ -8,19 +8,11 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from attnlab.core import AttnInputError, Mechanism, Spec, register
-from attnlab.core.checks import check_positive_int
+from attnlab.core import Mechanism, Spec, register
+from attnlab.core.config import option
 from attnlab.core.masks import repeat_kv
 
 from ._memory import acc_dtype, align_causal, l2_normalise
-
-
-def _fraction(name: str, value: object, *, low_open: bool) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float))
-    ok = ok and (0 < value < 1 if low_open else 0 <= value < 1)
-    if not ok:
-        interval = "(0, 1)" if low_open else "[0, 1)"
-        raise AttnInputError(f"{name}: expected a number in {interval}, got {value!r}")
 
 
 def titans_recurrent(q, k, v, *, alpha: float, eta: float, theta: float, chunk: int):
@@ -150,22 +142,11 @@ class Titans(Mechanism):
 
     @dataclass
     class Config:
-        alpha: float = 0.01
-        eta: float = 0.9
-        theta: float = 0.01
+        alpha: float = option(0.01, low=0, high=1, high_open=True)
+        eta: float = option(0.9, low=0, high=1, high_open=True)
+        theta: float = option(0.01, low=0, high=1, low_open=True)
         chunk: int = 16
         form: str = "chunked"
-
-        def __post_init__(self):
-            _fraction("alpha", self.alpha, low_open=False)
-            _fraction("eta", self.eta, low_open=False)
-            if (
-                isinstance(self.theta, bool)
-                or not isinstance(self.theta, (int, float))
-                or not 0 < self.theta <= 1
-            ):
-                raise AttnInputError(f"theta: expected a number in (0, 1], got {self.theta!r}")
-            check_positive_int("chunk", self.chunk)
 
     def _rates(self):
         cfg = self.config

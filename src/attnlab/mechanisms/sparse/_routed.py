@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from attnlab.core.masks import repeat_kv, slice_mask
+from attnlab.core.masks import divide_or_zero, repeat_kv, slice_mask
 from attnlab.core.tiled import tiled_attention
 
 NEG_INF = float("-inf")
@@ -417,4 +417,4 @@ def softmax_rows(s: torch.Tensor) -> torch.Tensor:
     m = m.masked_fill(torch.isinf(m), 0.0)
     p = torch.exp(s - m)
     total = p.sum(dim=-1, keepdim=True)
-    return torch.where(total > 0, p / total.clamp_min(torch.finfo(p.dtype).tiny), 0.0)
+    return divide_or_zero(p, total)

@@ -11,6 +11,7 @@ import torch
 from attnlab.core import Spec, register
 from attnlab.core.blocks import StaticBlockSparse, check_backend
 from attnlab.core.checks import check_positive_int
+from attnlab.core.config import option
 from attnlab.core.errors import AttnInputError
 
 
@@ -89,9 +90,9 @@ class BlockSparse(BlockTableSparse):
     @dataclass
     class Config:
         local: int = 3
-        global_blocks: int = 1
-        random: int = 2
-        seed: int = 0
+        global_blocks: int = option(1, low=0)
+        random: int = option(2, low=0)
+        seed: int = option(0, low=0)
         block: int = 128
         backend: str = "auto"
 

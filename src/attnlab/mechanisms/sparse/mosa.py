@@ -12,6 +12,7 @@ from torch import nn
 
 from attnlab.core import AttnInputError, Mechanism, Spec, register
 from attnlab.core.checks import check_positive_int
+from attnlab.core.config import option
 from attnlab.core.masks import repeat_kv
 
 from ._routed import NEG_INF, acc_dtype, softmax_rows
@@ -64,7 +65,7 @@ class MoSA(Mechanism):
     class Config:
         tokens: int = 256
         router_scale: bool = True
-        seed: int = 0
+        seed: int = option(0, low=0)
 
         def __post_init__(self):
             check_positive_int("tokens", self.tokens)

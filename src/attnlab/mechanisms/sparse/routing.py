@@ -10,6 +10,7 @@ import torch
 
 from attnlab.core import AttnInputError, Mechanism, Spec, register
 from attnlab.core.checks import check_positive_int
+from attnlab.core.config import option
 from attnlab.core.masks import repeat_kv
 from attnlab.core.mechanism import KVCacheDecode
 
@@ -52,7 +53,7 @@ class Routing(KVCacheDecode, Mechanism):
     class Config:
         clusters: int = 8
         decay: float = 0.999
-        seed: int = 0
+        seed: int = option(0, low=0)
         block_q: int = 256
         block_k: int = 512
 
@@ -93,12 +94,16 @@ class Routing(KVCacheDecode, Mechanism):
 
     @torch.no_grad()
     def _update(self, q, k, cq, ck):
-        """One online k-means step: mu <- decay*mu + (1-decay)/2 (sum of its q + sum of its k)."""
+        """One online k-means step: mu <- decay*mu + (1-decay)/2 (sum of its q + sum of its k).
+
+        Vectors with a NaN or an infinity take no part, so one bad input never makes the
+        centroids NaN."""
         c = self.centroids
         h, n_c, d = c.shape
         sums = torch.zeros(h, n_c, d, dtype=torch.float32, device=q.device)
         for x, cx in ((q, cq), (k, ck)):
             xn = torch.nn.functional.normalize(x.float(), dim=-1)
+            xn = torch.where(torch.isfinite(xn).all(dim=-1, keepdim=True), xn, 0.0)
             idx = cx.permute(1, 0, 2).reshape(h, -1, 1).expand(-1, -1, d)
             sums.scatter_add_(1, idx, xn.permute(1, 0, 2, 3).reshape(h, -1, d))
         decay = self.config.decay
