@@ -1,4 +1,11 @@
-"""MoBA: Mixture of Block Attention (Lu et al., arXiv:2502.13189)."""
+"""MoBA: Mixture of Block Attention (Lu et al., arXiv:2502.13189).
+
+Compared with MoonshotAI/MoBA (moba_attn_varlen_naive, its reference): the same gate
+q·mean(K_b), the own block always taken and counted in top_k, other blocks only when
+wholly in the past, one softmax over the chosen keys, per head; the authors define only
+the causal form, and the non-causal form here (any other block may be chosen) is
+attnlab's extension.
+"""
 
 from __future__ import annotations
 
