@@ -35,6 +35,8 @@ def poisoned_rows(k: torch.Tensor, v: torch.Tensor, q_heads: int) -> torch.Tenso
     lambda^(i-j) never reaches zero exactly), so a NaN or an infinity at j
     reaches exactly the rows i >= j of the heads that share its key/value head.
     """
+    if bool(torch.isfinite(k.sum() + v.sum())):  # one reduction: the common, all-finite case
+        return None
     bad = ~torch.isfinite(k).all(dim=-1) | ~torch.isfinite(v).all(dim=-1)  # [B, Hkv, N]
     if not bool(bad.any()):
         return None

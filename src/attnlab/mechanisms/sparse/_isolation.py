@@ -20,7 +20,13 @@ Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def nonfinite_positions(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
     """Bool [B, Hkv, Nk]: key positions whose key or value holds a NaN or an infinity
-    (None when every entry is finite)."""
+    (None when every entry is finite).
+
+    A finite sum of all entries proves them all finite in one reduction; only
+    otherwise (a non-finite entry, or a sum that overflowed) are the positions
+    located."""
+    if bool(torch.isfinite(k.sum() + v.sum())):
+        return None
     bad = ~torch.isfinite(k).all(dim=-1) | ~torch.isfinite(v).all(dim=-1)
     return bad if bool(bad.any()) else None
 
