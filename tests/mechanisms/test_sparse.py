@@ -30,7 +30,7 @@ def _axis_keys(x, length, kernel, dilation, stride, causal):
     if causal:
         leader = min(first + stride - 1, len(members) - 1)
         return set(members[max(leader - k + 1, 0) : t + 1])
-    leader = min(first + (stride - 1) // 2, len(members) - 1)
+    leader = min(first + stride // 2, len(members) - 1)  # NATTEN: the right-hand centre
     lo = min(max(leader - k // 2, 0), len(members) - k)
     return set(members[lo : lo + k])
 

@@ -1,4 +1,11 @@
-"""Attention with Linear Biases (ALiBi; Press, Smith & Lewis, arXiv:2108.12409)."""
+"""Attention with Linear Biases (ALiBi; Press, Smith & Lewis, arXiv:2108.12409).
+
+Compared with ofirpress/attention_with_linear_biases (get_slopes and the biased future
+mask in its fairseq transformer): the same slopes for any head count and the same causal
+bias (the authors add m_h·j and rely on softmax's invariance to a per-row shift, which
+equals -m_h·(i-j)); the symmetric -m_h·|i-j| of the non-causal form is attnlab's
+extension, the authors' code being causal only.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,11 @@
-"""Memory-efficient exact attention after Rabe & Staats (arXiv:2112.05682)."""
+"""Memory-efficient exact attention after Rabe & Staats (arXiv:2112.05682).
+
+Compared with the paper's own JAX listing (_query_chunk_attention with summarize_chunk,
+jax.checkpoint and a stop-gradient on the chunk maximum, reproduced in many
+repositories): the same chunk summaries and log-sum-exp merge; on purpose the backward
+recomputes each score chunk from the saved per-row log-sum-exp, where the listing
+checkpoints each chunk summary, to the same memory bound.
+"""
 
 from __future__ import annotations
 

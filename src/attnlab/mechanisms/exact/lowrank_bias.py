@@ -1,4 +1,12 @@
-"""Attention with a low-rank additive bias, computed as in FlashBias (arXiv:2505.12044)."""
+"""Attention with a low-rank additive bias, computed as in FlashBias (arXiv:2505.12044).
+
+Compared with thuml/FlashBias (FlashBiasFunc in flash_bias/flash_bias_triton.py,
+attention_torch in flash_bias/attention_func.py): the same decomposition, bias factors
+q_bias [Nq, R] and k_bias [Nk, R] joined to the scaled scores inside one exact kernel,
+shared over batch and optionally over heads; the authors receive the factors from the
+model (or its SVD) as inputs, where attnlab holds them as learned per-position
+parameters, because the operator's contract carries only q, k and v.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,11 @@
-"""Exact attention by the tiled online-softmax kernel, in plain PyTorch."""
+"""Exact attention by the tiled online-softmax kernel, in plain PyTorch.
+
+Compared with Dao-AILab/flash-attention (_fwd_kernel of
+flash_attn/flash_attn_triton.py): the same tile loop, running maximum, rescaled
+accumulator and saved log-sum-exp, and future tiles skipped; attnlab aligns causal
+queries bottom-right when Nq != Nk (as flash-attn 2.1 and later do; that Triton kernel
+aligns top-left) and returns zeros for a row that sees nothing.
+"""
 
 from __future__ import annotations
 

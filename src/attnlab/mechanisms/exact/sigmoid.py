@@ -1,4 +1,11 @@
-"""Sigmoid attention with the -log(n) bias (Ramapuram et al., arXiv:2409.04431)."""
+"""Sigmoid attention with the -log(n) bias (Ramapuram et al., arXiv:2409.04431).
+
+Compared with apple/ml-sigmoid-attention (the Attention layer of its attention_simulator
+and FlashSigmoid): attnlab agrees, sigmoid(q k^T scale + b) v with masked logits at -inf
+and no normalisation over keys; the authors set b as a constant of the layer (-log of
+the training length), which is Config.length here, and attnlab falls back to the call's
+Nk only when no length is given.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""Exact softmax attention through torch's fused ``scaled_dot_product_attention``."""
+"""Exact softmax attention through torch's fused ``scaled_dot_product_attention``.
+
+Reference: torch's scaled_dot_product_attention itself, which this mechanism calls (no
+separate authors' code was compared); attnlab adds only the bottom-right causal
+alignment and zero rows for queries that see nothing.
+"""
 
 from __future__ import annotations
 

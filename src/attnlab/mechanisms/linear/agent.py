@@ -1,4 +1,12 @@
-"""Agent Attention (Han et al., arXiv:2312.08578): agent tokens pooled from the queries."""
+"""Agent Attention (Han et al., arXiv:2312.08578): agent tokens pooled from the queries.
+
+Compared with LeapLabTHU/Agent-Attention (AgentAttention in
+agent_transformer/models/agent_deit.py): the same two scaled softmaxes, agents from
+average-pooled queries (pooling each channel, so per head alike), agent values then
+query broadcast; on purpose attnlab pools the 1-D sequence where the authors pool the
+2-D token grid, and leaves out their learned position biases and the depth-wise
+convolution on V, which are parameters of the layer.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,13 @@
-"""Based (Arora et al., arXiv:2402.18668): Taylor linear attention plus an exact window."""
+"""Based (Arora et al., arXiv:2402.18668): Taylor linear attention plus an exact window.
+
+Compared with HazyResearch/based (TaylorExp and LinearAttention in
+based/models/mixers/linear_attention.py): the same Taylor feature map [1, x/d^(1/4), (x
+x^T)/(sqrt(2) sqrt(d))] and causal normaliser; on purpose attnlab replaces the learned
+16-dim projections by a fixed seeded one (an operator has no trained weights) and joins
+the sliding-window softmax and the Taylor part of the far keys into one operator with
+one normaliser, where the authors stack them as separate layers (their linear layer also
+covers the window's keys).
+"""
 
 from __future__ import annotations
 

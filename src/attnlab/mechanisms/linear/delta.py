@@ -1,4 +1,12 @@
-"""DeltaNet: linear attention whose memory is written by the delta rule."""
+"""DeltaNet: linear attention whose memory is written by the delta rule.
+
+Compared with fla-org/flash-linear-attention (delta_rule_recurrence and
+delta_rule_chunkwise in fla/ops/delta_rule/naive.py, the authors' reference): the same
+update, the output read with q scaled by D^(-1/2) and the same WY chunk form; the L2
+normalisation of q and k, which fla's DeltaNet layer applies before the kernel, is done
+here inside the mechanism, and the per-token beta from the layer input becomes the
+constant Config.beta.
+"""
 
 from __future__ import annotations
 

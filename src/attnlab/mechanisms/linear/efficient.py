@@ -1,4 +1,10 @@
-"""Efficient Attention (Shen et al., arXiv:1812.01243): two softmaxes, then K^T V first."""
+"""Efficient Attention (Shen et al., arXiv:1812.01243): two softmaxes, then K^T V first.
+
+Compared with cmsflash/efficient-attention (EfficientAttention in
+efficient_attention.py): attnlab agrees, per head a softmax of the keys over positions
+and of the queries over channels, then keys-values context first, no scale; the 1x1
+convolutions, the reprojection and the residual belong to the authors' layer.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,11 @@
-"""FLARE: attention routed through M latent tokens, at O(N·M)."""
+"""FLARE: attention routed through M latent tokens, at O(N·M).
+
+Compared with vpuri3/FLARE.py (flare_multihead_mixer: two scaled_dot_product_attention
+calls with scale 1, latents as queries, then keys as queries over the latents): the
+class docstring lists the departures, all on purpose: the scatter reads q (q = k gives
+the authors' operator), scale defaults to D^(-1/2), and the latents are seeded instead
+of learned.
+"""
 
 from __future__ import annotations
 

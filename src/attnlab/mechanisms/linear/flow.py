@@ -1,4 +1,12 @@
-"""Flow-Attention of Flowformer (Wu et al., arXiv:2202.06258): conservation of flows."""
+"""Flow-Attention of Flowformer (Wu et al., arXiv:2202.06258): conservation of flows.
+
+Compared with thuml/Flowformer (Flow_Attention and Flow_Attention_Causal in
+Flow_Attention.py): attnlab agrees term by term, sigmoid features, the eps placements,
+the clipped conserved source, softmax competition times N and sigmoid allocation, and in
+the causal form the division of flows by the number of tokens seen; the authors' non-
+causal allocation scales the sink by L/S, which is 1 in self-attention, the only form
+attnlab offers.
+"""
 
 from __future__ import annotations
 

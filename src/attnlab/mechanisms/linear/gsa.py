@@ -1,4 +1,12 @@
-"""Gated Slot Attention: a bounded memory of slots with forget gates, read by a softmax."""
+"""Gated Slot Attention: a bounded memory of slots with forget gates, read by a softmax.
+
+Compared with fla-org/flash-linear-attention (naive_recurrent_gsa in
+fla/ops/gsa/naive.py, the authors' reference): the same two gated passes, keys written
+into the slots with strength 1 - α and forgotten by α, a softmax over slots of the
+scaled query scores, then the values read through the same gates; the gate, which fla's
+GSA layer computes from the layer input, comes here from the key through a fixed seeded
+projection.
+"""
 
 from __future__ import annotations
 

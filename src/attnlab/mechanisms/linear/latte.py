@@ -1,4 +1,13 @@
-"""Latte: attention through probabilistic latent states, in linear time."""
+"""Latte: attention through probabilistic latent states, in linear time.
+
+Compared with raresdolga/latte_transformer (StableScanLatte, ScanLatte and BidLatte in
+models/modules/latte.py): the same mixture, a softmax over latents for the query, each
+latent's exponentiated key normalised cumulatively (causal) or over the sequence
+(bidirectional), with the running-maximum scan of StableScanLatte; the authors' stable
+and bidirectional modules use no temperature and their first ScanLatte scales both
+logits by D^(-1/2), which is attnlab's default (scale=1.0 gives the stable module's
+form).
+"""
 
 from __future__ import annotations
 

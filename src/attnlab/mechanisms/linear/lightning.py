@@ -12,16 +12,36 @@ from attnlab.core import Mechanism, Spec, register
 from attnlab.core.checks import check_positive_int
 from attnlab.core.errors import AttnInputError
 from attnlab.core.scan import acc_dtype, causal_scan, init_state, linear_attention, state_floats
+from attnlab.mechanisms.exact.alibi import alibi_slopes
 
 FEATURES = {"silu": F.silu, "identity": lambda x: x}
 
 
 def decay_slopes(heads: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Per-head decay rates s_h = 2^(-8(h+1)/H); lambda_h = exp(-s_h).
+    """Per-head decay rates s_h, lambda_h = exp(-s_h): TransNormerLLM's ALiBi slopes.
 
-    TransNormerLLM's ALiBi-style slopes (without its per-layer factor)."""
-    h = torch.arange(1, heads + 1, device=device, dtype=dtype)
-    return torch.exp2(-8.0 * h / heads)
+    For H a power of two s_h = 2^(-8(h+1)/H); otherwise the slopes of the
+    largest power of two P < H followed by every other slope of the list for
+    2P, as ALiBi's :func:`~attnlab.mechanisms.exact.alibi.alibi_slopes` (the
+    authors' ``_build_slope_tensor``). TransNormerLLM's per-layer factor is
+    left out: an attention operator does not know its layer."""
+    return torch.tensor(alibi_slopes(heads), device=device, dtype=dtype)
+
+
+def poisoned_rows(k: torch.Tensor, v: torch.Tensor, q_heads: int) -> torch.Tensor | None:
+    """Bool [B, Hq, N, 1]: the rows whose past holds a non-finite key or value, or None.
+
+    In [(Q Kᵀ) ⊙ M] V row i reads every key and value j <= i (the decay
+    lambda^(i-j) never reaches zero exactly), so a NaN or an infinity at j
+    reaches exactly the rows i >= j of the heads that share its key/value head.
+    """
+    if bool(torch.isfinite(k.sum() + v.sum())):  # one reduction: the common, all-finite case
+        return None
+    bad = ~torch.isfinite(k).all(dim=-1) | ~torch.isfinite(v).all(dim=-1)  # [B, Hkv, N]
+    if not bool(bad.any()):
+        return None
+    seen = bad.cummax(dim=-1).values
+    return seen.repeat_interleave(q_heads // k.shape[1], dim=1)[..., None]
 
 
 @register
@@ -38,6 +58,17 @@ class Lightning(Mechanism):
     (a parameter-free RMS norm over the head dim) in place of a softmax
     denominator. Causal only, as in the paper (a language-model kernel);
     ``scale`` does not enter. With a decay each query head keeps its own state.
+
+    A NaN or infinity in key/value j reaches only the rows i >= j of its
+    heads (the rows whose sum holds it): the blocked computation runs on
+    inputs cleared with ``torch.where`` and those rows are set to NaN, so a
+    future key never reaches an earlier row through the intra-block product.
+
+    Compared with OpenNLPLab/lightning-attention (``lightning_attn_func``,
+    ``_build_slope_tensor``) and TransNormerLLM: the same decayed masked
+    product and the same ALiBi-style slopes for any head count; the per-layer
+    slope factor, the output gate and the learned norm weight belong to the
+    layer and are left out.
     """
 
     spec = Spec(
@@ -105,6 +136,10 @@ class Lightning(Mechanism):
         return out.mul_(ms.add_(self.config.eps).rsqrt_())
 
     def _attend(self, q, k, v, form):
+        poisoned = poisoned_rows(k, v, q.shape[1])
+        if poisoned is not None:
+            k = torch.where(torch.isfinite(k), k, 0.0)
+            v = torch.where(torch.isfinite(v), v, 0.0)
         out = linear_attention(
             q,
             k,
@@ -117,7 +152,10 @@ class Lightning(Mechanism):
             feature_map=self._feature,
             native_feature=self.config.feature,
         )
-        return self._norm(out)
+        out = self._norm(out)
+        if poisoned is not None:
+            out = torch.where(poisoned, float("nan"), out)
+        return out
 
     def forward(self, q, k, v, *, causal=True, mask=None, scale=None):
         return self._attend(q, k, v, self.config.form).to(q.dtype)

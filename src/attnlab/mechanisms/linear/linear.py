@@ -1,4 +1,12 @@
-"""Linear attention with the elu+1 feature map (Katharopoulos et al., arXiv:2006.16236)."""
+"""Linear attention with the elu+1 feature map (Katharopoulos et al., arXiv:2006.16236).
+
+Compared with idiap/fast-transformers (LinearAttention and CausalLinearAttention,
+elu_feature_map): attnlab agrees, phi = elu + 1 on the raw queries and keys, the causal
+form through cumulative sums; the authors add eps = 1e-6 to the denominator, where
+attnlab divides by the sum itself (kept off zero only by the smallest normal float, so a
+row that sees nothing gives 0), and they zero padded keys by multiplying the features,
+where attnlab masks.
+"""
 
 from __future__ import annotations
 

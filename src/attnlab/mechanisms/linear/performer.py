@@ -1,4 +1,12 @@
-"""FAVOR+ with positive orthogonal random features (Choromanski et al., arXiv:2009.14794)."""
+"""FAVOR+ with positive orthogonal random features (Choromanski et al., arXiv:2009.14794).
+
+Compared with google-research/google-research (performer/fast_attention/jax,
+nonnegative_softmax_kernel_feature_creator and GaussianOrthogonalRandomMatrix): the same
+positive features on x·d^(-1/4), the same stabilisers (each query's largest feature, the
+largest over a head's keys and features), orthogonal blocks with chi-distributed row
+norms; the authors add 1e-6 to every feature, which attnlab leaves out, and redraw
+features in training, which attnlab leaves to redraw_features().
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,13 @@
-"""Fixed block-sparse attention: local, global and random blocks (BigBird, arXiv:2007.14062)."""
+"""Fixed block-sparse attention: local, global and random blocks (BigBird, arXiv:2007.14062).
+
+Compared with google-research/bigbird (bigbird_block_rand_mask_with_head and
+full_bigbird_mask in bigbird/core/attention.py): the same block pattern of a sliding
+window (the authors' 3 blocks are local=2 here), global blocks and per-head random
+blocks drawn outside the window and the global ones; on purpose the global blocks are
+only the first global_blocks (the authors also make the last block global), so that the
+pattern has a causal form, and the random blocks come from a seeded generator instead of
+the authors' per-length plan of where to draw them.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""Dilated sliding-window attention (Longformer, arXiv:2004.05150)."""
+"""Dilated sliding-window attention (Longformer, arXiv:2004.05150).
+
+Compared with allenai/longformer (diagonaled_mm_tvm with attention_dilation): the same
+keys p + t·dilation, |t| <= attention_window (= window - 1 here), one-sided when
+autoregressive; the authors set a dilation per head, attnlab one per mechanism, and
+their global tokens are left out as in window.
+"""
 
 from __future__ import annotations
 

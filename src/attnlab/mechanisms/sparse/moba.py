@@ -4,6 +4,12 @@ The registered mechanism, its gate (:func:`moba_select`) and the choice of path;
 paths live apart: the compiled kernel (:func:`attnlab.core.native.moba`), the tiled
 flash-kernel path (:mod:`._moba_tiled`), token blocks of the shared routed engine
 (:func:`._routed.token_block_attention`) and FlexAttention (:mod:`._moba_flex`).
+
+Compared with MoonshotAI/MoBA (moba_attn_varlen_naive, its reference): the same gate
+q·mean(K_b), the own block always taken and counted in top_k, other blocks only when
+wholly in the past, one softmax over the chosen keys, per head; the authors define only
+the causal form, and the non-causal form here (any other block may be chosen) is
+attnlab's extension.
 """
 
 from __future__ import annotations

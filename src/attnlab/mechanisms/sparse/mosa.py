@@ -1,4 +1,10 @@
-"""MoSA: Mixture of Sparse Attention by expert-choice routing (Piękos et al., arXiv:2505.00315)."""
+"""MoSA: Mixture of Sparse Attention by expert-choice routing (Piękos et al., arXiv:2505.00315).
+
+Compared with piotrpiekos/MoSA (PureMoSA): expert-choice top-k per head, softmax among
+the chosen tokens with the original-order causal mask, output scaled by the router
+score; the router reads the head's key instead of the layer input, as the class
+docstring explains.
+"""
 
 from __future__ import annotations
 

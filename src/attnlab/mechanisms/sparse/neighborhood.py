@@ -14,6 +14,8 @@ from attnlab.core.blocks import StaticBlockSparse, check_backend, ranges_to_cand
 from attnlab.core.checks import check_positive_int
 from attnlab.core.errors import AttnInputError
 
+from ._isolation import attend_isolated
+
 
 def _per_axis(name: str, value, dims: int, kind=int) -> tuple:
     """An option given once for all axes or once per axis, as a tuple of length ``dims``."""
@@ -40,9 +42,13 @@ def axis_window(x, length: int, kernel: int, dilation: int, stride: int, causal:
     stride group's leader and shifted inwards at the borders, so every query
     sees the same number of keys (NATTEN). With ``stride`` s, the s
     consecutive queries ``t // s`` share the window of their leader: the
-    centre one, or the last one on a causal axis. A causal axis sees the
-    ``kernel`` group members ending at the leader, and never beyond the query
-    itself. Works on Python ints and on integer tensors alike.
+    centre one, ``first + s // 2`` (for an even s the right-hand one of the
+    two centres, as NATTEN's ``get_win_start`` defines it), or the last one
+    on a causal axis. An even ``kernel`` reaches ``kernel // 2`` members to
+    the left of the leader and one fewer to the right (NATTEN's
+    window_left/window_right). A causal axis sees the ``kernel`` group
+    members ending at the leader, and never beyond the query itself. Works
+    on Python ints and on integer tensors alike.
     """
     group = x % dilation
     t = x // dilation
@@ -53,7 +59,7 @@ def axis_window(x, length: int, kernel: int, dilation: int, stride: int, causal:
         leader = _minimum(first + stride - 1, glen - 1)
         start = _maximum(leader - k + 1, 0)
         return group, start, t + 1
-    leader = _minimum(first + (stride - 1) // 2, glen - 1)
+    leader = _minimum(first + stride // 2, glen - 1)
     start = _maximum(_minimum(leader - k // 2, glen - k), 0)
     return group, start, start + k
 
@@ -84,6 +90,14 @@ class Neighborhood(StaticBlockSparse):
     "Generalized Neighborhood Attention" (stride, arXiv:2504.16922); see
     :func:`axis_window`. ``causal=True`` additionally hides flattened future
     tokens. Computed block-sparsely on the flattened sequence (core.blocks).
+    A NaN or infinity in a key or value reaches only the rows whose
+    neighborhood (and mask) holds it (:func:`._isolation.attend_isolated`).
+
+    Compared with SHI-Labs/NATTEN (``get_win_start``/``get_win_end`` of its
+    kernels, the reference and flex masks): the same windows, border shift,
+    dilation groups, stride-group leaders and causal axes. NATTEN requires
+    kernel x dilation <= the axis length; attnlab also takes shorter axes, a
+    dilation group then seeing all its members.
     """
 
     spec = Spec(
@@ -184,6 +198,12 @@ class Neighborhood(StaticBlockSparse):
             return ok
 
         return mask_mod
+
+    def forward(self, q, k, v, *, causal=False, mask=None, scale=None):
+        def attend(q, k, v):
+            return super(Neighborhood, self).forward(q, k, v, causal=causal, mask=mask, scale=scale)
+
+        return attend_isolated(attend, q, k, v)
 
     def candidates(self, nq, nk, causal, heads):
         """Key blocks between each query block's lowest and highest neighbor (flattened)."""

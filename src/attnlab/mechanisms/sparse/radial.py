@@ -1,4 +1,9 @@
-"""Radial attention: a static mask whose spatial window shrinks with temporal distance."""
+"""Radial attention: a static mask whose spatial window shrinks with temporal distance.
+
+The comparison with mit-han-lab/radial-attention is in the class docstring: attnlab
+keeps the token-level rule of the paper and its optional first-frame sink, and leaves
+out the kernel's block rounding and model-specific bands on purpose.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,13 @@
-"""Routing attention: online k-means clusters of queries and keys (Roy et al., arXiv:2003.05997)."""
+"""Routing attention: online k-means clusters of queries and keys (Roy et al., arXiv:2003.05997).
+
+Compared with google-research/google-research (routing_transformer/utils.py,
+clustered_local_attention_helper): the same shared-centroid routing with an exponential-
+moving-average k-means in training; on purpose attnlab assigns each query and key to its
+nearest centroid (the paper's definition) where the authors gather for every centroid
+its attention_window nearest items (balanced clusters whose membership depends on the
+whole sequence, so not causal), and it projects onto the unit sphere where the authors
+use a layer norm without scale.
+"""
 
 from __future__ import annotations
 

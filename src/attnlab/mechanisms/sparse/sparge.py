@@ -1,4 +1,9 @@
-"""SpargeAttn: training-free block-sparse prediction (Zhang et al., arXiv:2502.18137)."""
+"""SpargeAttn: training-free block-sparse prediction (Zhang et al., arXiv:2502.18137).
+
+The comparison with thu-ml/SpargeAttn (get_block_map_meansim) is in the class docstring:
+the same mean-similarity prediction and TopCdf count; the kernel's second stage is left
+out on purpose.
+"""
 
 from __future__ import annotations
 

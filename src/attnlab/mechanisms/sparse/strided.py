@@ -1,4 +1,14 @@
-"""Heterogeneous context sharding among heads (S2-Attention, arXiv:2407.17678)."""
+"""Heterogeneous context sharding among heads (S2-Attention, arXiv:2407.17678).
+
+Compared with linxihui/dkernel (get_sparse_attn_mask in dkernel/utils.py, the kernel of
+S2-Attention and Phi-3-small): the same causal band of local blocks plus a vertical
+stride offset per head, with equal density and, for heads >= stride, equal coverage; it
+differs in three details: a head here keeps blocks with (j + h) % stride == stride - 1
+where dkernel keeps (j + h·step) % stride == 0, dkernel's step = max(1, stride // heads)
+spreads fewer heads than stride over the whole period (here they cover only part of it),
+and dkernel gives all query heads of one key/value head the same shard, here each query
+head has its own.
+"""
 
 from __future__ import annotations
 

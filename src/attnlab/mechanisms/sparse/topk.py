@@ -1,4 +1,13 @@
-"""Top-k attention: each query keeps only its k highest-scoring keys."""
+"""Top-k attention: each query keeps only its k highest-scoring keys.
+
+Compared with ag1988/top_k_attention (_AttentionNoCache in
+nocache_attention/nocache_attention.py): attnlab agrees, softmax over each query's top_k
+scores (query chunks there, key blocks with a running top-k here), gradients through the
+kept scores only; the authors fill masked scores with the most negative float, so a row
+with fewer than top_k visible keys keeps masked ones at weight ~0 and a row that sees
+nothing averages its masked keys, where attnlab never keeps a hidden key and gives such
+a row zeros.
+"""
 
 from __future__ import annotations
 

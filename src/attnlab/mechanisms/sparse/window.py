@@ -1,4 +1,12 @@
-"""Sliding-window attention (Longformer, arXiv:2004.05150)."""
+"""Sliding-window attention (Longformer, arXiv:2004.05150).
+
+Compared with allenai/longformer (LongformerSelfAttention, sliding_chunks_matmul_qk):
+the same band, each query seeing its attention_window keys on each side and itself, so
+attnlab's window is the authors' attention_window + 1; Longformer's global tokens
+(queries and keys that attend and are attended everywhere, with their own projections)
+belong to the layer and are left out, and its causal (autoregressive) form is the TVM
+kernel's one-sided band, as here.
+"""
 
 from __future__ import annotations
 
