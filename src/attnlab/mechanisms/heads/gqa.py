@@ -73,8 +73,11 @@ def pool_kv_heads(model: nn.Module, kv_heads: int = 1) -> int:
     return len(layers)
 
 
-class _GroupedBase(HeadsLayer):
-    """Query heads in ``kv_heads`` groups, each group sharing one key and one value head."""
+class GroupedHeads(HeadsLayer):
+    """Query heads in ``kv_heads`` groups, each group sharing one key and one value head,
+    with a key/value cache for decoding. Subclasses may weight the heads' outputs per token
+    before the output projection (``mix_heads``); ``Config.kv_heads`` None means one
+    key/value head per query head, a Config without the option means one in all."""
 
     tiny_config: ClassVar[dict[str, Any]] = {"dim": 16, "heads": 4, "rotary": True}
 
@@ -82,8 +85,9 @@ class _GroupedBase(HeadsLayer):
         super().__init__(**config)
         cfg = self.config
         self.heads = check_count("heads", cfg.heads)
+        kv_heads = getattr(cfg, "kv_heads", 1)
         self.kv_heads = check_count(
-            "kv_heads", getattr(cfg, "kv_heads", 1), divides=self.heads, of="heads"
+            "kv_heads", self.heads if kv_heads is None else kv_heads, divides=self.heads, of="heads"
         )
         if cfg.head_dim is None:
             check_count("heads", self.heads, divides=cfg.dim, of="dim")
@@ -106,9 +110,14 @@ class _GroupedBase(HeadsLayer):
             q, k = rotate(q, offset_q), rotate(k, offset_k)
         return q, k, v
 
+    def mix_heads(self, heads: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs [B, H, N, head_dim] as they enter the output projection, for
+        the query tokens x [B, N, dim]; multi-head attention passes them on unchanged."""
+        return heads
+
     def forward(self, x, context=None, causal=False):
         q, k, v = self._project(x, x if context is None else context, 0, 0)
-        return self.o_proj(merge_heads(attend(q, k, v, causal=causal)))
+        return self.o_proj(merge_heads(self.mix_heads(attend(q, k, v, causal=causal), x)))
 
     def init_state(self, batch: int, *, dtype=torch.float32, device=None) -> dict:
         """An empty cache of keys and values [B, kv_heads, 0, head_dim]."""
@@ -122,14 +131,18 @@ class _GroupedBase(HeadsLayer):
         q, k, v = self._project(x, x, n, n)
         keys = torch.cat([state["k"], k], dim=2)
         values = torch.cat([state["v"], v], dim=2)
-        out = self.o_proj(merge_heads(attend(q, keys, values, causal=True)))
-        return out, {"k": keys, "v": values}
+        out = self.mix_heads(attend(q, keys, values, causal=True), x)
+        return self.o_proj(merge_heads(out)), {"k": keys, "v": values}
 
     def cache_floats_per_token(self) -> int:
         """One key and one value of ``head_dim`` per key/value head: 2·kv_heads·head_dim."""
         return 2 * self.kv_heads * self.head_dim
 
-    def pooled(self, kv_heads: int) -> _GroupedBase:
+
+class _PlainGroupedHeads(GroupedHeads):
+    """Grouped heads summed as in multi-head attention, which mean-pooling can convert."""
+
+    def pooled(self, kv_heads: int) -> GroupedQueryAttention:
         """A grouped-query copy of this layer with ``kv_heads`` key/value heads, each the
         mean of the heads of its group (GQA's uptraining initialisation, arXiv:2305.13245)."""
         check_count("kv_heads", kv_heads, divides=self.kv_heads, of="this layer's kv_heads")
@@ -150,7 +163,7 @@ class _GroupedBase(HeadsLayer):
 
 
 @register
-class GroupedQueryAttention(_GroupedBase):
+class GroupedQueryAttention(_PlainGroupedHeads):
     """Grouped-query attention (Ainslie et al., arXiv:2305.13245): ``heads`` query heads in
     ``kv_heads`` groups, the heads of a group sharing one key head and one value head.
     ``kv_heads = heads`` is multi-head attention, ``kv_heads = 1`` multi-query attention.
@@ -183,7 +196,7 @@ class GroupedQueryAttention(_GroupedBase):
 
 
 @register
-class MultiQueryAttention(_GroupedBase):
+class MultiQueryAttention(_PlainGroupedHeads):
     """Multi-query attention (Shazeer, "Fast Transformer Decoding: One Write-Head is All
     You Need", arXiv:1911.02150): ``heads`` query heads and output projections as in
     multi-head attention, but a single key head and a single value head shared by all of
