@@ -35,7 +35,7 @@ def _modes(spec):
 
 
 def test_the_family_holds_the_issue_mechanisms():
-    assert {"mqa", "gqa", "mla", "moh", "talking-heads"} <= set(HEADS)
+    assert {"mqa", "gqa", "mla", "moh", "sqa", "talking-heads"} <= set(HEADS)
 
 
 @pytest.mark.parametrize("name", HEADS)

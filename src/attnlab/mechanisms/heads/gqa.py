@@ -84,16 +84,7 @@ class GroupedHeads(HeadsLayer):
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)
         cfg = self.config
-        self.heads = check_count("heads", cfg.heads)
-        kv_heads = getattr(cfg, "kv_heads", 1)
-        self.kv_heads = check_count(
-            "kv_heads", self.heads if kv_heads is None else kv_heads, divides=self.heads, of="heads"
-        )
-        if cfg.head_dim is None:
-            check_count("heads", self.heads, divides=cfg.dim, of="dim")
-            self.head_dim = cfg.dim // self.heads
-        else:
-            self.head_dim = check_count("head_dim", cfg.head_dim)
+        self.heads, self.kv_heads, self.head_dim = self._head_counts()
         if cfg.rotary and self.head_dim % 2:
             raise AttnInputError(f"head_dim: rotary needs an even head width, got {self.head_dim}")
         hd = self.head_dim
@@ -101,6 +92,19 @@ class GroupedHeads(HeadsLayer):
         self.k_proj = nn.Linear(cfg.dim, self.kv_heads * hd, bias=cfg.bias)
         self.v_proj = nn.Linear(cfg.dim, self.kv_heads * hd, bias=cfg.bias)
         self.o_proj = nn.Linear(self.heads * hd, cfg.dim, bias=cfg.bias)
+
+    def _head_counts(self) -> tuple[int, int, int]:
+        """(query heads, key/value heads, head width) from the Config."""
+        cfg = self.config
+        heads = check_count("heads", cfg.heads)
+        kv_heads = getattr(cfg, "kv_heads", 1)
+        kv_heads = check_count(
+            "kv_heads", heads if kv_heads is None else kv_heads, divides=heads, of="heads"
+        )
+        if cfg.head_dim is not None:
+            return heads, kv_heads, check_count("head_dim", cfg.head_dim)
+        check_count("heads", heads, divides=cfg.dim, of="dim")
+        return heads, kv_heads, cfg.dim // heads
 
     def _project(self, x, source, offset_q: int, offset_k: int):
         q = split_heads(self.q_proj(x), self.heads)
