@@ -10,7 +10,10 @@ import attnlab
 from attnlab.core.masks import repeat_kv
 from attnlab.core.reference import reference_attention
 
-ALL = attnlab.mechanisms()
+# The q/k/v contract covers every family but "heads": those mechanisms own their
+# projections and are called on hidden states x [B, N, dim]; their layer-level contract
+# is tests/mechanisms/test_heads_contract.py.
+ALL = [name for name in attnlab.mechanisms() if attnlab.spec(name).family != "heads"]
 
 
 def build(name: str, **overrides):
