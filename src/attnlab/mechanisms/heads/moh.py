@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from attnlab.core.config import option
 from attnlab.core.errors import AttnInputError
 from attnlab.core.registry import register
 from attnlab.core.spec import Spec
@@ -56,7 +57,7 @@ class MixtureOfHeadAttention(GroupedHeads):
     class Config:
         dim: int = 64
         heads: int = 8
-        shared_heads: int = 2
+        shared_heads: int = option(2, low=0)  # 0: every head is routed
         active: int = 3
         kv_heads: int | None = None
         head_dim: int | None = None
